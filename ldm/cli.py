@@ -1,0 +1,125 @@
+"""The ``ldm`` command: LightningCLI for ``fit | validate | test | predict`` plus tool subcommands.
+
+Configs compose left to right (``-c a.yaml -c b.yaml``), dotted overrides follow
+(``--trainer.max_steps=100``), ``--print_config`` shows the resolved result. Every
+key and type is checked by jsonargparse against the constructors' signatures
+before any model or data is built; a bad key exits with status 2 and names it.
+
+Tool subcommands (``ldm shards ...``) are plain argparse programs registered in
+:data:`TOOLS`; they are listed in ``ldm --help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from pytorch_lightning import Trainer
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
+
+from ldm.callbacks import DataSkipMonitor
+from ldm.runs import VERSION_ENV, RunSettings, build_loggers, resolve_version, snake_case
+
+#: tool subcommand -> (module with ``main(argv)``, one-line description)
+TOOLS: dict[str, tuple[str, str]] = {
+    "shards": ("ldm.tools.shards", "write WebDataset shards (synthetic scenes, image folders) and preview them"),
+}
+
+
+def _epilog() -> str:
+    tools = "\n".join(f"  ldm {name:<10} {desc}" for name, (_, desc) in TOOLS.items())
+    return (
+        "tool subcommands (each has --help):\n" + tools + "\n\n"
+        "examples:\n"
+        "  ldm fit -c configs/trainer/debug.yaml -c my_experiment.yaml --trainer.max_steps=100\n"
+        "  ldm fit -c my_experiment.yaml --print_config\n"
+        "  ldm shards synthetic --kind shapes --out data/shapes --train 10000 --val 1000 --size 64"
+    )
+
+
+def model_tokenizer(model: Any) -> Any:
+    """The tokenizer a model provides to the data module (``model.tokenizer``), or None."""
+    return getattr(model, "tokenizer", None)
+
+
+class ConfigSaver(SaveConfigCallback):
+    """Saves ``config.yaml`` into the run folder and the same resolved config into W&B."""
+
+    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(config, allow_val_change=True)
+
+
+class LDMCLI(LightningCLI):
+    """LightningCLI with run folders, default loggers and the model -> data tokenizer link."""
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
+        kwargs.setdefault("save_config_callback", ConfigSaver)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [DataSkipMonitor()]})
+        kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate latent-diffusion stages.",
+                                            "epilog": _epilog()})
+        super().__init__(args=args, run=run, **kwargs)
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("formatter_class", _formatter())
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_dataclass_arguments(RunSettings, "run")
+        parser.set_defaults({"data": {"class_path": "ldm.data.ShardDataModule"}})
+        parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=model_tokenizer, apply_on="instantiate")
+
+    def _run_settings(self) -> RunSettings:
+        run = self._get(self.config_init, "run")
+        return run if isinstance(run, RunSettings) else RunSettings(**dict(run or {}))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            run = self._run_settings()
+            name = run.name or snake_case(type(self.model).__name__)
+            version = resolve_version(run.root, name, run.version)
+            os.environ[VERSION_ENV] = version  # processes spawned for DDP join the same folder
+            self.run_dir = os.path.join(run.root, name, version)
+            kwargs["logger"] = build_loggers(run, name, version)
+        return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:
+            os.environ.pop(VERSION_ENV, None)
+
+
+def _formatter():
+    from jsonargparse import DefaultHelpFormatter
+
+    class Formatter(DefaultHelpFormatter):
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+
+    return Formatter
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ldm`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        module = importlib.import_module(TOOLS[args[0]][0])
+        return int(module.main(args[1:]) or 0)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    LDMCLI(args=None if argv is None else args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tool subcommands of the ``ldm`` command (``ldm shards ...``)."""
