@@ -20,6 +20,7 @@ W&B mode: ``WANDB_MODE`` from the environment wins; else ``run.wandb_mode``; wit
 
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
@@ -31,6 +32,8 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger("ldm")
 
@@ -67,6 +70,27 @@ class RunSettings:
     notes: str | None = None
     wandb_mode: WandbMode = "auto"
     csv: bool = True
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run must append to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(next(csv.reader(f), []))
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger that keeps the metrics of earlier attempts (SLURM requeue, ``ckpt_path`` resume)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def snake_case(name: str) -> str:
@@ -126,7 +150,7 @@ def build_loggers(run: RunSettings, name: str, version: str) -> list[Logger]:
     run_dir = Path(run.root) / name / version
     loggers: list[Logger] = []
     if run.csv:
-        loggers.append(CSVLogger(save_dir=run.root, name=name, version=version))
+        loggers.append(RunCSVLogger(save_dir=run.root, name=name, version=version))
     mode = resolve_wandb_mode(run.wandb_mode)
     if mode != "disabled":
         if _is_rank_zero():
