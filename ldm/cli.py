@@ -74,7 +74,7 @@ class LDMCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_dataclass_arguments(RunSettings, "run")
+        parser.add_class_arguments(RunSettings, "run")
         parser.set_defaults({"data": {"class_path": "ldm.data.ShardDataModule"}})
         parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=model_tokenizer, apply_on="instantiate")
 

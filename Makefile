@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, make synthetic shards, a preview grid and a report under runs/demo/
+#   make test   set up .venv and run the test suite (without the tests marked slow)
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ldm-installed
+# pip's configured local indexes print one harmless line per missing package: keep the log readable
+PIPFILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing ldm and its dependencies into $(VENV) (first time: a few minutes)"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]' 2>&1 | $(PIPFILTER)
+	@$(PY) -c "import ldm, torch, pytorch_lightning, webdataset, open_clip" \
+		|| { echo "the install is incomplete: see the pip output above"; exit 1; }
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) experiments/demo.py --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-all: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) experiments/bench/data_loader.py
+
+clean:
+	rm -rf runs/demo .pytest_cache

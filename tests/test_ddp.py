@@ -1,0 +1,41 @@
+"""Two CPU processes (gloo DDP) over shards with uneven sample counts: same batches, no hang."""
+
+import json
+
+import pytest
+
+from ldm.data.synthetic import write_synthetic_shards
+from tests.conftest import REPO, run_ldm
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_ddp_on_uneven_shards_gets_equal_batches(tmp_path):
+    for i, n in enumerate([37, 5, 81]):  # uneven shards: 123 training samples in all
+        write_synthetic_shards(tmp_path / f"s{i}", train=n, val=0, size=32, seed=i, progress=False)
+    write_synthetic_shards(tmp_path / "v", train=0, val=27, size=32, seed=9, shard_size=10, progress=False)
+    record = tmp_path / "record"
+    res = run_ldm([
+        "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "tests/configs/toy.yaml"),
+        f"--data.train={tmp_path}/s*/train-*.tar", f"--data.val={tmp_path}/v/val-*.tar",
+        "--data.samples_per_epoch=100", "--data.num_workers=1", "--data.batch_size=8",
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=-1", "--trainer.max_epochs=2",
+        "--trainer.limit_val_batches=1.0", f"--model.record={record}",
+    ], cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+    def load(split, rank, epoch):
+        return json.loads((record / f"{split}-rank{rank}-epoch{epoch}.json").read_text())
+
+    for epoch in (0, 1):
+        r0, r1 = load("train", 0, epoch), load("train", 1, epoch)
+        assert r0["world_size"] == r1["world_size"] == 2 and r0["pid"] != r1["pid"]
+        assert len(r0["batches"]) == len(r1["batches"]) == 100 // (2 * 8)
+        assert all(len(b) == 8 for b in r0["batches"] + r1["batches"])
+        assert r0["batches"] != r1["batches"]  # the ranks draw different samples
+        v0, v1 = load("val", 0, epoch), load("val", 1, epoch)
+        assert len(v0["batches"]) == len(v1["batches"])
+        keys = [k for b in v0["batches"] + v1["batches"] for k in b]
+        assert sorted(keys) == [f"val_{i:08d}" for i in range(27)]  # every val sample once, over both ranks
+    assert load("train", 0, 0)["batches"] != load("train", 0, 1)["batches"]  # a new draw each epoch
+    assert (tmp_path / "runs/toy/version_0/config.yaml").is_file()
+    assert not (tmp_path / "runs/toy/version_1").exists()  # both ranks wrote into one run folder
