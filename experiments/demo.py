@@ -42,8 +42,11 @@ def attribute_counts(pattern: str) -> dict[str, Counter]:
         for obj in meta["objects"]:
             counts["shape"][obj["shape"]] += 1
             counts["colour"][obj["color"]] += 1
-        for rel in meta["relations"][:1]:
-            counts["relation"][rel["relation"].replace("_", " ") + (" (row)" if len(meta["relations"]) > 1 else "")] += 1
+        rels = meta["relations"]
+        if len(rels) == 1:
+            counts["relation"][rels[0]["relation"].replace("_", " ")] += 1
+        elif rels:
+            counts["relation"]["row of 3" if rels[0]["relation"] == "left_of" else "column of 3"] += 1
     return counts
 
 

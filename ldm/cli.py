@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 
 from ldm.callbacks import DataSkipMonitor
+from ldm.config_errors import summarize
 from ldm.runs import VERSION_ENV, RunSettings, build_loggers, resolve_version, snake_case
 
 #: tool subcommand -> (module with ``main(argv)``, one-line description)
@@ -58,10 +60,21 @@ class ConfigSaver(SaveConfigCallback):
                 logger.experiment.config.update(config, allow_val_change=True)
 
 
+class LDMArgumentParser(LightningArgumentParser):
+    """Puts one ``dotted.key: problem`` line per error above jsonargparse's detailed report."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        lines = summarize(str(message)) if self.exit_on_error else []  # nested parsers raise to the top one
+        if lines:
+            message = "invalid config:\n" + "\n".join(f"  {line}" for line in lines) + "\n\ndetails: " + str(message)
+        return super().error(message, ex)
+
+
 class LDMCLI(LightningCLI):
     """LightningCLI with run folders, default loggers and the model -> data tokenizer link."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
+        kwargs.setdefault("parser_class", LDMArgumentParser)
         kwargs.setdefault("save_config_callback", ConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {"callbacks": [DataSkipMonitor()]})
@@ -91,6 +104,9 @@ class LDMCLI(LightningCLI):
             os.environ[VERSION_ENV] = version  # processes spawned for DDP join the same folder
             self.run_dir = os.path.join(run.root, name, version)
             kwargs["logger"] = build_loggers(run, name, version)
+            if trainer_cfg.get("default_root_dir") is None:
+                # SLURM requeue checkpoints (hpc_ckpt_*.ckpt) go to, and are resumed from, the run folder
+                kwargs["default_root_dir"] = self.run_dir
         return super().instantiate_trainer(**kwargs)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -113,10 +129,15 @@ def _formatter():
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ldm`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # like `python -m`, let configs name classes in the working directory (class_path: my_models.MyNet)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if args and args[0] in TOOLS:
         module = importlib.import_module(TOOLS[args[0]][0])
         return int(module.main(args[1:]) or 0)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # our train stream defines __len__ on purpose: every worker yields its exact share of the epoch
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     LDMCLI(args=None if argv is None else args)
     return 0
 
