@@ -1,0 +1,139 @@
+"""Writing WebDataset shards atomically, with a ``stats.json`` beside them.
+
+Shards are written into a hidden staging folder inside the output folder and
+moved into place only when every split has been written; on any error the
+staging folder is removed, so a crash or Ctrl-C never leaves half-written
+shards that a later run would read. ``stats.json`` records per split the sample
+count, the shard list, the per-shard counts (used to split validation exactly
+across ranks without scanning) and a brace pattern to paste into a config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import webdataset as wds
+from PIL import Image
+
+SHARD_NAME = "{split}-%06d.tar"
+
+
+def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode a PIL image as PNG or JPEG bytes."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        image.save(buf, format="PNG", optimize=False)
+    elif fmt in ("jpg", "jpeg"):
+        image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"unsupported image format {fmt!r}; use 'png' or 'jpg'")
+    return buf.getvalue()
+
+
+def brace_pattern(names: list[str]) -> str:
+    """``['train-000000.tar', 'train-000001.tar'] -> 'train-{000000..000001}.tar'``."""
+    if not names:
+        return ""
+    if len(names) == 1:
+        return names[0]
+    first, last = names[0], names[-1]
+    prefix, _, rest = first.rpartition("-")
+    num_first, ext = rest.split(".", 1)
+    num_last = last.rpartition("-")[2].split(".", 1)[0]
+    return f"{prefix}-{{{num_first}..{num_last}}}.{ext}"
+
+
+class SplitWriter:
+    """Writes one split's samples with ``webdataset.ShardWriter``, counting per shard."""
+
+    def __init__(self, staging: Path, split: str, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"shard size must be >= 1, got {shard_size}")
+        self.split = split
+        self.counts: OrderedDict[str, int] = OrderedDict()
+        self._writer = wds.ShardWriter(str(staging / SHARD_NAME.format(split=split)), maxcount=shard_size, verbose=0)
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._writer.write(sample)
+        name = os.path.basename(self._writer.fname)
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class StagedShardDir:
+    """Context manager: stage shards of several splits, publish them all on success.
+
+    >>> with StagedShardDir("out", overwrite=True) as out:
+    ...     w = out.split("train", shard_size=1000)
+    ...     w.write({"__key__": "k", "png": b"...", "txt": "a caption"})
+    """
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, info: dict[str, Any] | None = None):
+        self.out = Path(out)
+        self.overwrite = overwrite
+        self.info = dict(info or {})
+        self.writers: dict[str, SplitWriter] = {}
+        self.staging = self.out / f".staging-{os.getpid()}-{time.time_ns()}"
+        self.stats: dict[str, Any] = {}
+
+    def __enter__(self) -> "StagedShardDir":
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir()
+        return self
+
+    def split(self, name: str, shard_size: int) -> SplitWriter:
+        existing = sorted(self.out.glob(f"{name}-*.tar"))
+        if existing and not self.overwrite:
+            raise FileExistsError(
+                f"{self.out} already holds {len(existing)} '{name}' shards; pass --overwrite to replace them "
+                "or choose another --out"
+            )
+        writer = SplitWriter(self.staging, name, shard_size)
+        self.writers[name] = writer
+        return writer
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            for w in self.writers.values():
+                w.close()
+            if exc_type is None:
+                self._publish()
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _publish(self) -> None:
+        splits: dict[str, Any] = {}
+        for name, w in self.writers.items():
+            for old in self.out.glob(f"{name}-*.tar"):
+                old.unlink()
+            names = [n for n, c in w.counts.items() if c > 0]
+            for n in names:
+                os.replace(self.staging / n, self.out / n)
+            splits[name] = {
+                "samples": sum(w.counts.values()),
+                "shards": names,
+                "shard_counts": {n: w.counts[n] for n in names},
+                "pattern": str(self.out / brace_pattern(names)) if names else None,
+            }
+        stats_path = self.out / "stats.json"
+        previous: dict[str, Any] = {}
+        if stats_path.is_file():
+            try:
+                previous = json.loads(stats_path.read_text()).get("splits", {})
+            except ValueError:
+                previous = {}
+        # keep the entries of splits this run did not touch (e.g. val written earlier)
+        previous = {k: v for k, v in previous.items() if k not in splits and (self.out / (v.get("shards") or [""])[0]).is_file()}
+        self.stats = {**self.info, "splits": {**previous, **splits}}
+        tmp = stats_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.stats, indent=2) + "\n")
+        os.replace(tmp, stats_path)
