@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ldm.callbacks import DataSkipMonitor
 from ldm.config_errors import summarize
+from ldm.data import urls
 from ldm.runs import VERSION_ENV, RunSettings, build_loggers, resolve_version, snake_case
 
 #: tool subcommand -> (module with ``main(argv)``, one-line description)
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # like `python -m`, let configs name classes in the working directory (class_path: my_models.MyNet)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    urls.BASE_DIR = os.getcwd()  # shard paths in config files are relative to here, not to the file
     if args and args[0] in TOOLS:
         module = importlib.import_module(TOOLS[args[0]][0])
         return int(module.main(args[1:]) or 0)

@@ -137,3 +137,17 @@ def test_shards_tools_end_to_end(tmp_path):
     assert Image.open(tmp_path / "p.png").size[0] > 2 * 160  # a 2x2 grid of 160 px cells
     res = run_ldm(["shards", "synthetic", "--out", "d", "--size", "16"], cwd=tmp_path)
     assert res.returncode == 2 and "between 32 and 256" in res.stderr
+
+
+def test_relative_shard_paths_in_config_files_are_relative_to_the_working_dir(capsys, tmp_path, monkeypatch):
+    from ldm.data.synthetic import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path / "data/shapes", train=4, val=2, size=32, progress=False)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/data.yaml").write_text(
+        "data:\n  init_args:\n    train: data/shapes/train-*.tar\n    val: data/shapes/val-{000000..000000}.tar\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", TOY, "-c", "configs/data.yaml", "--print_config"])
+    assert exc.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["train"] == "data/shapes/train-*.tar"

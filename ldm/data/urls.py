@@ -18,6 +18,11 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+#: Directory that relative local shard paths are relative to while configs are parsed. jsonargparse
+#: enters each config file's folder while parsing it; shard paths in configs are relative to where
+#: `ldm` was started, as on the command line. None: the current directory.
+BASE_DIR: str | None = None
+
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ais://")
 
 
@@ -49,8 +54,19 @@ def expand_urls(pattern: str | Sequence[str]) -> list[str]:
     return urls
 
 
+def _anchored(url: str) -> str:
+    if BASE_DIR is None or is_remote(url):
+        return url
+    path = _local_path(url)
+    return path if os.path.isabs(path) else os.path.join(BASE_DIR, path)
+
+
 def missing_shards(urls: Sequence[str]) -> list[str]:
-    return [u for u in urls if not is_remote(u) and not os.path.isfile(_local_path(u))]
+    return [u for u in urls if not is_remote(u) and not os.path.isfile(_anchored(u))]
+
+
+def _anchor_pattern(pattern: str) -> str:
+    return "::".join(_anchored(p.strip()) for p in pattern.split("::"))
 
 
 class ShardPattern(str):
@@ -63,7 +79,7 @@ class ShardPattern(str):
     def __new__(cls, value: str) -> "ShardPattern":
         if not isinstance(value, str) or not value.strip():
             raise ValueError("expected a non-empty shard pattern such as 'shards/train-{000000..000009}.tar'")
-        urls = expand_urls(value)
+        urls = expand_urls(value if BASE_DIR is None or is_remote(value) else _anchor_pattern(value))
         if not urls:
             raise ValueError(f"shard pattern {value!r} matches no files")
         missing = missing_shards(urls)
