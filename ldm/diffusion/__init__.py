@@ -1,0 +1,32 @@
+"""The diffusion core: schedules, preconditioners, training loss, samplers, guidance.
+
+Pure torch, shared by the unCLIP prior and the U-Net; general over tensor shapes.
+"""
+
+from ldm.diffusion.conditioning import ConditionDropout
+from ldm.diffusion.denoiser import Cond, Denoiser, Step, StepCallback, append_dims
+from ldm.diffusion.guidance import classifier_free_guidance, gradient_guidance, rescale_guided_eps
+from ldm.diffusion.loss import DenoisingLoss, offset_noise_like
+from ldm.diffusion.loss_weighting import EDMWeighting, LossWeighting, MinSNRWeighting, NoWeighting
+from ldm.diffusion.precond import EDMPrecond, EpsPrecond, Preconditioner, VPPrecond, VPrecond, X0Precond
+from ldm.diffusion.samplers import (
+    SAMPLERS,
+    invert_ddim,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+)
+from ldm.diffusion.schedules import DiscreteSchedule, karras_sigmas
+from ldm.diffusion.sigma_sampling import LogitNormalSigmas, LogNormalSigmas, SigmaSampler, UniformTimesteps
+
+__all__ = [
+    "SAMPLERS", "Cond", "ConditionDropout", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
+    "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
+    "NoWeighting", "Preconditioner", "SigmaSampler", "Step", "StepCallback", "UniformTimesteps", "VPPrecond",
+    "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "gradient_guidance", "invert_ddim",
+    "karras_sigmas", "offset_noise_like", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+    "sample_euler", "sample_euler_ancestral", "sample_heun",
+]

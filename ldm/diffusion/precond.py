@@ -1,0 +1,162 @@
+"""Preconditioners: turn a raw network into a denoiser ``D(x, sigma) -> x0_hat``.
+
+Following Karras et al. 2022 (EDM), table 1: the network F only ever sees a scaled
+input ``c_in(sigma) * x`` and a noise conditioning value ``c_noise(sigma)``, and
+
+    D(x, sigma) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, c_noise(sigma))
+
+* discrete VP models (DDPM, Stable Diffusion): ``c_in = 1 / sqrt(1 + sigma^2)`` turns
+  ``x`` into the VP sample, ``c_noise`` is the (fractional) training timestep, and the
+  network predicts
+
+  - eps (Ho et al. 2020):        c_skip = 1,               c_out = -sigma
+  - v (Salimans & Ho 2022):      c_skip = 1 / (1+sigma^2), c_out = -sigma / sqrt(1+sigma^2)
+  - x0:                          c_skip = 0,               c_out = 1
+
+* EDM: c_skip = sd^2/(sigma^2+sd^2), c_out = sigma*sd/sqrt(sigma^2+sd^2),
+  c_in = 1/sqrt(sigma^2+sd^2), c_noise = log(sigma)/4.
+
+The network is called ``net(c_in * x, c_noise, **cond)``. For training, each
+preconditioner also gives the network's own regression target and the factor
+``c_out^2`` that relates an error on that target to an error on x0
+(``|D - x0|^2 = c_out^2 |F - target|^2``), which is how the loss expresses every
+weighting in one place.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from ldm.diffusion.denoiser import Cond, append_dims
+from ldm.diffusion.schedules import DiscreteSchedule
+
+
+class Preconditioner(nn.Module):
+    """Base class: subclasses define the c_* coefficients and the noise conditioning."""
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in) for noise levels ``sigma`` (B,)."""
+        raise NotImplementedError
+
+    def noise_cond(self, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma_from_noise_cond(self, c_noise: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def sigma_min(self) -> float:
+        raise NotImplementedError
+
+    @property
+    def sigma_max(self) -> float:
+        raise NotImplementedError
+
+    def initial_noise_scale(self, sigma: Tensor | float) -> Tensor:
+        """Std of the marginal at ``sigma`` for unit-variance data: sqrt(1 + sigma^2)."""
+        return (1 + torch.as_tensor(sigma) ** 2).sqrt()
+
+    def raw(self, net: nn.Module, x: Tensor, sigma: Tensor, cond: Cond = None) -> tuple[Tensor, Tensor]:
+        """(x0_hat, network output) for noisy ``x`` (B, ...) at ``sigma`` (B,)."""
+        c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.coefficients(sigma))
+        out = net(x * c_in, self.noise_cond(sigma), **(cond or {}))  # (B, ...)
+        return c_skip * x + c_out * out, out
+
+    def forward(self, net: nn.Module, x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        return self.raw(net, x, sigma, cond)[0]
+
+    def target(self, x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+        """What the network should output for ``x = x0 + sigma * noise``: (x0 - c_skip x) / c_out."""
+        c_skip, c_out, _ = (append_dims(c, x0.ndim) for c in self.coefficients(sigma))
+        return (x0 - c_skip * (x0 + append_dims(sigma, x0.ndim) * noise)) / c_out
+
+    def output_weight(self, sigma: Tensor) -> Tensor:
+        """c_out^2: an error of 1 on the network output is an error of c_out^2 on x0 (squared)."""
+        return self.coefficients(sigma)[1] ** 2
+
+    def bind(self, net: nn.Module):
+        """The denoiser ``model_fn(x, sigma, cond) -> x0_hat`` for samplers."""
+        return partial(self.forward, net)
+
+
+class VPPrecond(Preconditioner):
+    """Common part of the discrete VP parameterisations (subclasses set c_skip / c_out)."""
+
+    def __init__(self, schedule: DiscreteSchedule | None = None):
+        super().__init__()
+        self.schedule = schedule if schedule is not None else DiscreteSchedule()
+
+    def noise_cond(self, sigma: Tensor) -> Tensor:
+        return self.schedule.sigma_to_t(sigma).to(sigma.dtype)
+
+    def sigma_from_noise_cond(self, c_noise: Tensor) -> Tensor:
+        return self.schedule.t_to_sigma(c_noise).to(c_noise.dtype)
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def _c_in(self, sigma: Tensor) -> Tensor:
+        return (1 + sigma**2).rsqrt()
+
+
+class EpsPrecond(VPPrecond):
+    """The network predicts the noise eps (DDPM, Stable Diffusion 1.x)."""
+
+    def coefficients(self, sigma):
+        return torch.ones_like(sigma), -sigma, self._c_in(sigma)
+
+
+class VPrecond(VPPrecond):
+    """The network predicts v = alpha * eps - sigma_vp * x0 (Salimans & Ho 2022; SD 2.x 768)."""
+
+    def coefficients(self, sigma):
+        c_in = self._c_in(sigma)
+        return c_in**2, -sigma * c_in, c_in
+
+
+class X0Precond(VPPrecond):
+    """The network predicts x0 directly (DALL-E 2's prior)."""
+
+    def coefficients(self, sigma):
+        return torch.zeros_like(sigma), torch.ones_like(sigma), self._c_in(sigma)
+
+
+class EDMPrecond(Preconditioner):
+    """EDM preconditioning (Karras et al. 2022, table 1) for continuous noise levels."""
+
+    def __init__(self, sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self._sigma_min, self._sigma_max = sigma_min, sigma_max
+
+    def coefficients(self, sigma):
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data * (sigma**2 + sd2).rsqrt()
+        c_in = (sigma**2 + sd2).rsqrt()
+        return c_skip, c_out, c_in
+
+    def noise_cond(self, sigma):
+        return sigma.log() / 4
+
+    def sigma_from_noise_cond(self, c_noise):
+        return (4 * c_noise).exp()
+
+    def initial_noise_scale(self, sigma):
+        return (torch.as_tensor(sigma) ** 2 + self.sigma_data**2).sqrt()
+
+    @property
+    def sigma_min(self) -> float:
+        return self._sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self._sigma_max
