@@ -56,6 +56,7 @@ class DenoisingLoss(nn.Module):
                 generator: torch.Generator | None = None) -> Tensor:
         if sigma is None:
             sigma = self.sigma_sampler(x0.shape[0], precond, generator, device=x0.device, dtype=x0.dtype)  # (B,)
+        sigma = sigma.to(device=x0.device, dtype=x0.dtype)
         if noise is None:
             noise = offset_noise_like(x0, self.offset_noise, generator)  # (B, ...)
         x = x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * noise  # (B, ...)
