@@ -12,6 +12,7 @@ from ldm.diffusion.precond import EDMPrecond, EpsPrecond, Preconditioner, VPPrec
 from ldm.diffusion.samplers import (
     SAMPLERS,
     invert_ddim,
+    progress_bar,
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
@@ -27,6 +28,6 @@ __all__ = [
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
     "NoWeighting", "Preconditioner", "SigmaSampler", "Step", "StepCallback", "UniformTimesteps", "VPPrecond",
     "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "gradient_guidance", "invert_ddim",
-    "karras_sigmas", "offset_noise_like", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+    "karras_sigmas", "offset_noise_like", "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
     "sample_euler", "sample_euler_ancestral", "sample_heun",
 ]

@@ -22,6 +22,8 @@ step for step (tests/diffusion/test_samplers_vs_diffusers.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,44 +34,45 @@ def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _report(callback: StepCallback | None, i: int, total: int, x: Tensor, sigma: Tensor, sigma_next: Tensor,
+def _report(callback: StepCallback | None, i: int, total: int, x: Tensor, sigmas: Tensor,
             denoised: Tensor) -> None:
     if callback is not None:
-        callback(Step(i=i, total=total, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
+        callback(Step(i=i, total=total, x=x, sigma=sigmas[i], sigma_next=sigmas[i + 1], denoised=denoised))
 
 
-def _check(sigmas: Tensor) -> None:
+def _levels(sigmas: Tensor) -> list[float]:
+    """The noise levels as Python floats: control flow and step sizes without a device sync per step."""
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError("sigmas must be a 1-d tensor of at least two noise levels")
+    return sigmas.tolist()
 
 
-def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up): go deterministically to sigma_down, then add sigma_up noise.
 
     sigma_up^2 = eta^2 * sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 is eta^2 times the
     variance of the DDPM posterior; sigma_down^2 + sigma_up^2 = sigma_next^2.
     """
-    if eta == 0 or float(sigma_next) == 0:
-        return sigma_next, torch.zeros_like(sigma_next)
-    sigma_up = (eta * sigma_next * (sigma**2 - sigma_next**2).clamp(min=0).sqrt() / sigma).clamp(max=sigma_next)
-    return (sigma_next**2 - sigma_up**2).sqrt(), sigma_up
+    if eta == 0 or sigma_next == 0:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * sigma_next * max(sigma**2 - sigma_next**2, 0.0) ** 0.5 / sigma)
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
 @torch.no_grad()
 def sample_ddim(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 0.0, cond: Cond = None,
                 generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
     """DDIM: x_s = x0_hat + sigma_down * eps_hat + sigma_up * z, with (sigma_down, sigma_up) from eta."""
-    _check(sigmas)
-    n = len(sigmas) - 1
+    levels = _levels(sigmas)
+    n = len(levels) - 1
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model_fn(x, batch_sigma(sigma, x), cond)  # (B, ...)
-        eps = (x - denoised) / sigma
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)  # (B, ...)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = denoised + sigma_down * eps
-        if float(sigma_up) > 0:
+        x = torch.lerp(denoised, x, sigma_down / sigma)  # x0 + sigma_down * (x - x0) / sigma
+        if sigma_up > 0:
             x = x + sigma_up * _noise(x, generator)
-        _report(callback, i, n, x, sigma, sigma_next, denoised)
+        _report(callback, i, n, x, sigmas, denoised)
     return x
 
 
@@ -81,19 +84,16 @@ def sample_ddpm(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = N
     In sigma space the posterior is N(x0 + (s^2/t^2)(x_t - x0), s^2 (t^2 - s^2) / t^2) for
     levels t > s, the VP posterior of Ho et al. (eq. 7) divided by sqrt(alpha_bar_s).
     """
-    _check(sigmas)
-    n = len(sigmas) - 1
+    levels = _levels(sigmas)
+    n = len(levels) - 1
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model_fn(x, batch_sigma(sigma, x), cond)  # (B, ...)
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)  # (B, ...)
         ratio = sigma_next**2 / sigma**2
-        mean = denoised + ratio * (x - denoised)
-        if float(sigma_next) > 0:
-            std = (ratio * (sigma**2 - sigma_next**2)).sqrt()
-            x = mean + std * _noise(x, generator)
-        else:
-            x = mean
-        _report(callback, i, n, x, sigma, sigma_next, denoised)
+        x = torch.lerp(denoised, x, ratio)  # the posterior mean
+        if sigma_next > 0:
+            x = x + (ratio * (sigma**2 - sigma_next**2)) ** 0.5 * _noise(x, generator)
+        _report(callback, i, n, x, sigmas, denoised)
     return x
 
 
@@ -103,33 +103,35 @@ def invert_ddim(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = N
     """Run deterministic DDIM upwards: a clean ``x`` -> the noise that DDIM maps back to it.
 
     ``sigmas`` ascends (e.g. ``sampling_sigmas.flip(0)``, starting at 0). Each step
-    predicts eps at the current level and moves x0_hat + sigma_next * eps; the step from
+    predicts eps at the current level and moves to x0_hat + sigma_next * eps; the step from
     sigma = 0 uses the prediction at the first non-zero level, as x is already clean.
     """
-    if sigmas.ndim != 1 or len(sigmas) < 2 or bool((sigmas[1:] < sigmas[:-1]).any()):
+    levels = _levels(sigmas)
+    if any(b < a for a, b in zip(levels, levels[1:])):
         raise ValueError("invert_ddim needs ascending sigmas (e.g. the sampling sigmas flipped)")
-    n = len(sigmas) - 1
+    n = len(levels) - 1
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        level = sigma if float(sigma) > 0 else sigma_next
+        level = levels[i] if levels[i] > 0 else levels[i + 1]
         denoised = model_fn(x, batch_sigma(level, x), cond)
-        eps = (x - denoised) / level
-        x = denoised + sigma_next * eps
-        _report(callback, i, n, x, sigma, sigma_next, denoised)
+        x = torch.lerp(denoised, x, levels[i + 1] / level)  # x0 + sigma_next * (x - x0) / level
+        _report(callback, i, n, x, sigmas, denoised)
     return x
 
 
 @torch.no_grad()
 def sample_euler(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = None,
                  generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
-    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
-    _check(sigmas)
-    n = len(sigmas) - 1
+    """Euler steps of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma.
+
+    x + (sigma_next - sigma) (x - D) / sigma = D + (sigma_next / sigma)(x - D): in sigma space
+    an Euler step is a deterministic DDIM step.
+    """
+    levels = _levels(sigmas)
+    n = len(levels) - 1
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model_fn(x, batch_sigma(sigma, x), cond)
-        x = x + (x - denoised) / sigma * (sigma_next - sigma)
-        _report(callback, i, n, x, sigma, sigma_next, denoised)
+        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)
+        x = torch.lerp(denoised, x, levels[i + 1] / levels[i])
+        _report(callback, i, n, x, sigmas, denoised)
     return x
 
 
@@ -138,16 +140,16 @@ def sample_euler_ancestral(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, eta
                            generator: torch.Generator | None = None,
                            callback: StepCallback | None = None) -> Tensor:
     """Euler step down to sigma_down, then add sigma_up noise (see :func:`ancestral_step`)."""
-    _check(sigmas)
-    n = len(sigmas) - 1
+    levels = _levels(sigmas)
+    n = len(levels) - 1
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model_fn(x, batch_sigma(sigma, x), cond)
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x + (x - denoised) / sigma * (sigma_down - sigma)
-        if float(sigma_up) > 0:
+        x = torch.lerp(denoised, x, sigma_down / sigma)
+        if sigma_up > 0:
             x = x + sigma_up * _noise(x, generator)
-        _report(callback, i, n, x, sigma, sigma_next, denoised)
+        _report(callback, i, n, x, sigmas, denoised)
     return x
 
 
@@ -155,20 +157,20 @@ def sample_euler_ancestral(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, eta
 def sample_heun(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = None,
                 generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
     """Heun's 2nd-order method (2 model calls per step; 1 on the last step to sigma = 0)."""
-    _check(sigmas)
-    n = len(sigmas) - 1
+    levels = _levels(sigmas)
+    n = len(levels) - 1
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model_fn(x, batch_sigma(sigma, x), cond)
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)
         d = (x - denoised) / sigma
         dt = sigma_next - sigma
-        if float(sigma_next) == 0:
+        if sigma_next == 0:
             x = x + d * dt
         else:
             x_euler = x + d * dt
-            d_next = (x_euler - model_fn(x_euler, batch_sigma(sigma_next, x), cond)) / sigma_next
-            x = x + (d + d_next) / 2 * dt
-        _report(callback, i, n, x, sigma, sigma_next, denoised)
+            d_next = (x_euler - model_fn(x_euler, batch_sigma(sigmas[i + 1], x), cond)) / sigma_next
+            x = x + (d + d_next) * (dt / 2)
+        _report(callback, i, n, x, sigmas, denoised)
     return x
 
 
@@ -176,27 +178,45 @@ def sample_heun(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = N
 def sample_dpmpp_2m(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = None,
                     generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
     """DPM-Solver++(2M) in half-log-SNR time lambda = -log(sigma)."""
-    _check(sigmas)
-    n = len(sigmas) - 1
+    levels = _levels(sigmas)
+    n = len(levels) - 1
     old_denoised: Tensor | None = None
-    h_last: Tensor | None = None
+    h_last = 0.0
     for i in range(n):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model_fn(x, batch_sigma(sigma, x), cond)
-        if float(sigma_next) == 0:
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)
+        if sigma_next == 0:
             x = denoised  # the first-order step to sigma = 0 lands on the data prediction
         else:
-            h = sigma.log() - sigma_next.log()  # lambda_next - lambda
+            h = math.log(sigma / sigma_next)  # lambda_next - lambda
             if old_denoised is None:
                 d = denoised
             else:
                 r = h_last / h
-                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+                d = torch.lerp(denoised, old_denoised, -1 / (2 * r))  # (1 + 1/2r) D - (1/2r) D_old
+            x = torch.lerp(d, x, sigma_next / sigma)  # (s'/s) x - expm1(-h) d, as expm1(-h) = s'/s - 1
             h_last = h
         old_denoised = denoised
-        _report(callback, i, n, x, sigma, sigma_next, denoised)
+        _report(callback, i, n, x, sigmas, denoised)
     return x
+
+
+def progress_bar(desc: str = "sampling", **tqdm_kwargs) -> StepCallback:
+    """A callback that shows a tqdm progress bar over the steps (closes itself after the last)."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def callback(step: Step) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=step.total, desc=desc, unit="step", **tqdm_kwargs)
+        bar.update(1)
+        bar.set_postfix(sigma=f"{float(step.sigma_next):.3g}", refresh=False)
+        if step.i == step.total - 1:
+            bar.close()
+
+    return callback
 
 
 SAMPLERS = {

@@ -129,3 +129,11 @@ def test_callback_reports_every_step():
     SAMPLERS["heun"](exact_denoiser, torch.randn(3, 2) * 15, sigmas, callback=seen.append)
     assert [s.i for s in seen] == list(range(10)) and all(s.total == 10 for s in seen)
     assert float(seen[-1].sigma_next) == 0 and seen[0].denoised.shape == (3, 2)
+
+
+def test_progress_bar_callback(capsys):
+    from ldm.diffusion import progress_bar
+
+    SAMPLERS["dpmpp_2m"](exact_denoiser, torch.randn(2, 2) * 15, SCHEDULE.sigmas_for(5), callback=progress_bar("demo"))
+    err = capsys.readouterr().err
+    assert "demo" in err and "5/5" in err
