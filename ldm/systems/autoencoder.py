@@ -1,0 +1,146 @@
+"""The autoencoder system: trains an :class:`~ldm.autoencoder.Autoencoder` with its GAN loss.
+
+Manual optimisation of the generator (encoder, bottleneck, decoder) and the discriminator,
+each with linear LR warmup and gradient-norm clipping; every named loss term is logged.
+The latent scale factor (1 / std of the unscaled latents) is tracked on the training
+batches with exponential moving moments and written into the autoencoder's buffer, so
+every checkpoint carries the factor of its own encoder. Validation: PSNR, SSIM, codebook
+perplexity (VQ), and rFID when Inception weights are available locally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytorch_lightning as L
+import torch
+from pytorch_lightning.cli import OptimizerCallable
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from ldm.autoencoder import Autoencoder, AutoencoderLoss
+from ldm.data.transforms import to_uint8
+
+log = logging.getLogger(__name__)
+
+
+def _adam(params):
+    return torch.optim.Adam(params, lr=4.5e-6, betas=(0.5, 0.9))
+
+
+class AutoencoderSystem(L.LightningModule):
+    """Args:
+        autoencoder: encoder + bottleneck + decoder.
+        loss: reconstruction / perceptual / regulariser / adversarial terms and the discriminator.
+        optimizer: optimizer of the autoencoder (default: Adam, lr 4.5e-6, betas (0.5, 0.9), as LDM).
+        disc_optimizer: optimizer of the discriminator (default: the same).
+        warmup_steps: linear LR warmup of both optimizers, in training batches.
+        gradient_clip: max gradient norm of each optimizer step (None = off).
+        scale_momentum: momentum of the running latent moments behind the scale factor.
+        fid_weights: local path of torch-fidelity's Inception weights
+            (``weights-inception-2015-12-05-6726825d.pth``) for rFID; None = rFID off.
+    """
+
+    def __init__(self, autoencoder: Autoencoder, loss: AutoencoderLoss, optimizer: OptimizerCallable = _adam,
+                 disc_optimizer: OptimizerCallable = _adam, warmup_steps: int = 0, gradient_clip: float | None = 1.0,
+                 scale_momentum: float = 0.99, fid_weights: str | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["autoencoder", "loss"])
+        self.automatic_optimization = False
+        self.autoencoder, self.loss = autoencoder, loss
+        self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
+        self.warmup_steps, self.gradient_clip, self.scale_momentum = warmup_steps, gradient_clip, scale_momentum
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("latent_moments", torch.tensor([0.0, 1.0]))  # running E[z], E[z^2]
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.fid = self._make_fid(fid_weights)
+
+    @staticmethod
+    def _make_fid(path: str | None):
+        if path is None:
+            log.warning("rFID is off: no Inception weights given (model.fid_weights)")
+            return None
+        path = os.path.expanduser(path)
+        if not os.path.isfile(path):
+            log.warning("rFID is off: Inception weights not found at %s", path)
+            return None
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path, reset_real_features=True)
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt_g = self.optimizer_fn(self.autoencoder.parameters())
+        opt_d = self.disc_optimizer_fn(self.loss.discriminator.parameters())
+
+        def warmup(step: int) -> float:
+            return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (opt_g, opt_d)]
+        return [opt_g, opt_d], scheds
+
+    def _step(self, opt, sched, loss) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.gradient_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        x = batch["image"]  # (B, 3, H, W)
+        step = int(self.batches_seen)
+        recon, z, info = self.autoencoder(x)
+        self._track_latents(z)
+        loss_g, terms = self.loss.generator_loss(x, recon, info, self.autoencoder.decoder.last_layer, step)
+        self._step(opt_g, sched_g, loss_g)
+        if self.loss.uses_gan(step):
+            loss_d, d_terms = self.loss.discriminator_loss(x, recon)
+            self._step(opt_d, sched_d, loss_d)
+            terms.update(d_terms)
+        if "perplexity" in info:
+            terms["perplexity"], terms["codebook_usage"] = info["perplexity"], info["usage"]
+        terms["scale_factor"] = self.autoencoder.scale_factor
+        self.log_dict({f"train/{k}": v.detach().float() for k, v in terms.items()}, prog_bar=False,
+                      batch_size=len(x))
+        self.log("train/loss", terms["total"].detach(), prog_bar=True, batch_size=len(x))
+        self.batches_seen += 1
+
+    @torch.no_grad()
+    def _track_latents(self, z: torch.Tensor) -> None:
+        m = self.scale_momentum if int(self.batches_seen) > 0 else 0.0
+        moments = torch.stack([z.float().mean(), z.float().pow(2).mean()])
+        self.latent_moments.mul_(m).add_(moments, alpha=1 - m)
+        var = (self.latent_moments[1] - self.latent_moments[0] ** 2).clamp(min=1e-12)
+        self.autoencoder.scale_factor.copy_(var.rsqrt())
+
+    # -- validation ------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        x = batch["image"]
+        valid = batch.get("valid", torch.ones(len(x), dtype=torch.bool, device=x.device))
+        recon, _, info = self.autoencoder(x)
+        x, recon = x[valid], recon[valid]
+        if len(x) == 0:
+            return
+        terms = {k: v.mean() for k, v in self.loss.reconstruction_terms(x, recon).items()}
+        real, fake = (x.clamp(-1, 1) + 1) / 2, (recon.clamp(-1, 1) + 1) / 2
+        self.psnr.update(fake, real)
+        self.ssim.update(fake, real)
+        if self.fid is not None:
+            self.fid.update(to_uint8(x), real=True)
+            self.fid.update(to_uint8(recon), real=False)
+        if "perplexity" in info:
+            terms["perplexity"] = info["perplexity"]
+        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=len(x))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/psnr", self.psnr.compute(), sync_dist=False)
+        self.log("val/ssim", self.ssim.compute(), sync_dist=False)
+        self.psnr.reset()
+        self.ssim.reset()
+        if self.fid is not None:
+            self.log("val/rfid", self.fid.compute())
+            self.fid.reset()
