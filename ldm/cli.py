@@ -26,7 +26,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ldm.callbacks import DataSkipMonitor
 from ldm.config_errors import summarize
-from ldm.data import urls
+from ldm.data.urls import ShardPattern
 from ldm.runs import VERSION_ENV, RunSettings, build_loggers, resolve_version, snake_case
 
 #: tool subcommand -> (module with ``main(argv)``, one-line description)
@@ -92,6 +92,19 @@ class LDMCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": "ldm.data.ShardDataModule"}})
         parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=model_tokenizer, apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        """Check what the types cannot: that local shard files named anywhere in the config exist."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        problems = []
+        for key, value in config.items():
+            if isinstance(value, ShardPattern):
+                try:
+                    value.check()
+                except ValueError as e:
+                    problems.append(f"  {key}: {e}")
+        if problems:
+            self.parser.error("invalid config:\n" + "\n".join(problems))
+
     def _run_settings(self) -> RunSettings:
         run = self._get(self.config_init, "run")
         return run if isinstance(run, RunSettings) else RunSettings(**dict(run or {}))
@@ -133,7 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # like `python -m`, let configs name classes in the working directory (class_path: my_models.MyNet)
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    urls.BASE_DIR = os.getcwd()  # shard paths in config files are relative to here, not to the file
     if args and args[0] in TOOLS:
         module = importlib.import_module(TOOLS[args[0]][0])
         return int(module.main(args[1:]) or 0)

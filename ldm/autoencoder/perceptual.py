@@ -34,12 +34,13 @@ class LPIPS(nn.Module):
                 "to train without the perceptual term"
             )
         self.lpips = _NoTrainLpips(pretrained=True, net="vgg", pnet_rand=True)  # backbone below, lins bundled
-        backbone = vgg16(weights=None)
+        features = vgg16(weights=None).features  # LPIPS uses the convolutional part only
+        state = torch.load(path, map_location="cpu", weights_only=True)
         try:
-            backbone.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        except (RuntimeError, KeyError) as e:
+            features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
+                                      if k.startswith("features.")})
+        except (RuntimeError, KeyError, AttributeError) as e:
             raise ValueError(f"{path} is not a torchvision VGG16 state dict: {e}") from e
-        features = backbone.features
         for i in range(1, 6):
             piece = getattr(self.lpips.net, f"slice{i}")
             for name, module in piece.named_children():

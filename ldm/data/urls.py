@@ -18,11 +18,6 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-#: Directory that relative local shard paths are relative to while configs are parsed. jsonargparse
-#: enters each config file's folder while parsing it; shard paths in configs are relative to where
-#: `ldm` was started, as on the command line. None: the current directory.
-BASE_DIR: str | None = None
-
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "hf://", "ais://")
 
 
@@ -54,32 +49,27 @@ def expand_urls(pattern: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def _anchored(url: str) -> str:
-    if BASE_DIR is None or is_remote(url):
-        return url
-    path = _local_path(url)
-    return path if os.path.isabs(path) else os.path.join(BASE_DIR, path)
-
-
 def missing_shards(urls: Sequence[str]) -> list[str]:
-    return [u for u in urls if not is_remote(u) and not os.path.isfile(_anchored(u))]
-
-
-def _anchor_pattern(pattern: str) -> str:
-    return "::".join(_anchored(p.strip()) for p in pattern.split("::"))
+    return [u for u in urls if not is_remote(u) and not os.path.isfile(_local_path(u))]
 
 
 class ShardPattern(str):
-    """A shard pattern validated on construction (used as a config type).
+    """A shard pattern (used as a config type).
 
-    Raises ``ValueError`` naming the missing files when a local shard does not
-    exist, so LightningCLI rejects the config with the key that holds it.
+    The CLI calls :meth:`check` on every ShardPattern of the fully composed config (after
+    all files and overrides, relative to the working directory) and rejects the config with
+    the key and the missing files named, before any model or data is built.
     """
 
     def __new__(cls, value: str) -> "ShardPattern":
         if not isinstance(value, str) or not value.strip():
             raise ValueError("expected a non-empty shard pattern such as 'shards/train-{000000..000009}.tar'")
-        urls = expand_urls(value if BASE_DIR is None or is_remote(value) else _anchor_pattern(value))
+        return super().__new__(cls, value)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the missing files if a local shard does not exist."""
+        value = str(self)
+        urls = expand_urls(value)
         if not urls:
             raise ValueError(f"shard pattern {value!r} matches no files")
         missing = missing_shards(urls)
@@ -90,7 +80,6 @@ class ShardPattern(str):
                 "Make shards with `ldm shards synthetic ...` or `ldm shards from-folder ...`, "
                 "or fix the path."
             )
-        return super().__new__(cls, value)
 
     @property
     def urls(self) -> list[str]:

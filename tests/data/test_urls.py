@@ -16,12 +16,14 @@ def test_brace_glob_and_list_expansion(tmp_path):
 
 def test_shard_pattern_names_missing_files(tmp_path):
     (tmp_path / "a-0.tar").write_bytes(b"")
-    assert ShardPattern(f"{tmp_path}/a-0.tar") == f"{tmp_path}/a-0.tar"
+    ShardPattern(f"{tmp_path}/a-0.tar").check()
     with pytest.raises(ValueError, match=r"1 of 2 shard files do not exist: .*a-1\.tar"):
-        ShardPattern(f"{tmp_path}/a-{{0..1}}.tar")
+        ShardPattern(f"{tmp_path}/a-{{0..1}}.tar").check()
     with pytest.raises(ValueError, match="matches no files"):
-        ShardPattern(f"{tmp_path}/nothing-*.tar")
-    assert ShardPattern("pipe:cat /nowhere.tar")  # remote sources are not checked
+        ShardPattern(f"{tmp_path}/nothing-*.tar").check()
+    ShardPattern("pipe:cat /nowhere.tar").check()  # remote sources are not checked
+    with pytest.raises(ValueError, match="non-empty"):
+        ShardPattern("  ")
 
 
 def test_counts_from_stats_and_from_headers(shapes_dir):

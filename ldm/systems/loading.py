@@ -1,0 +1,67 @@
+"""Loading a trained stage for a later one: rebuild it from its run's config, load the weights.
+
+Every ``ldm fit`` run folder holds ``config.yaml`` (the fully resolved config) and
+``checkpoints/*.ckpt``. :func:`load_system` rebuilds the LightningModule from the
+``model`` section of that config (so no class names or sizes are repeated anywhere) and
+loads the checkpoint's weights; later stages use it frozen and in eval mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as L
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a file, else ``last.ckpt`` or the newest ``*.ckpt`` under ``path/checkpoints``."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    folder = path / "checkpoints"
+    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint: {path} is neither a .ckpt file nor a run folder with checkpoints/*.ckpt")
+    last = folder / "last.ckpt"
+    return last if last.is_file() else candidates[-1]
+
+
+def find_config(ckpt: Path) -> Path:
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    raise FileNotFoundError(
+        f"no config.yaml beside {ckpt} or in {ckpt.parent.parent}: load a checkpoint from the run folder "
+        "that `ldm fit` wrote (runs/<name>/<version>/), which holds config.yaml"
+    )
+
+
+def load_system(path: str | os.PathLike, *, freeze: bool = True, map_location: str | torch.device = "cpu") -> L.LightningModule:
+    """Rebuild the system of a run folder (or of a checkpoint inside one) with its trained weights."""
+    ckpt = find_checkpoint(path)
+    config = yaml.safe_load(find_config(ckpt).read_text())
+    model_cfg = config.get("model")
+    if not model_cfg:
+        raise ValueError(f"{find_config(ckpt)} has no model section")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model")
+    parsed = parser.parse_object({"model": model_cfg})
+    system = parser.instantiate_classes(parsed).model
+    state = torch.load(ckpt, map_location=map_location, weights_only=False)
+    system.load_state_dict(state["state_dict"])
+    if freeze:
+        system.eval()
+        system.requires_grad_(False)
+    return system
+
+
+def load_autoencoder(path: str | os.PathLike, **kwargs):
+    """The frozen :class:`~ldm.autoencoder.Autoencoder` (with its scale factor) of an autoencoder run."""
+    system = load_system(path, **kwargs)
+    if not hasattr(system, "autoencoder"):
+        raise TypeError(f"{path} is a {type(system).__name__} run, not an autoencoder run")
+    return system.autoencoder
