@@ -32,6 +32,7 @@ from ldm.runs import VERSION_ENV, RunSettings, build_loggers, resolve_version, s
 #: tool subcommand -> (module with ``main(argv)``, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
     "shards": ("ldm.tools.shards", "write WebDataset shards (synthetic scenes, image folders) and preview them"),
+    "precompute": ("ldm.tools.precompute", "encode shards with a trained stage (autoencoder latents)"),
 }
 
 

@@ -61,6 +61,8 @@ class ShardDataModule(L.LightningDataModule):
         seed: seed of shard resampling, shuffling and augmentation (mixed with epoch, rank, worker).
         require_caption: skip samples with an empty caption (count them) instead of passing "".
         skip_log_interval_s: at most one log line per this many seconds about skipped samples.
+        decode_images: decode the images; false for latent shards (``ldm precompute latents``) when the
+            model trains on ``batch["latent"]`` only.
         tokenizer: turns a list of captions into a (B, T) tensor; linked from the model by the CLI.
     """
 
@@ -69,7 +71,7 @@ class ShardDataModule(L.LightningDataModule):
                  val_batch_size: int | None = None, num_workers: int = 2,
                  crop: Literal["center", "random"] = "random", flip: bool = False, shuffle_buffer: int = 1000,
                  samples_per_epoch: int | None = None, seed: int = 0, require_caption: bool = True,
-                 skip_log_interval_s: float = 30.0, tokenizer: Tokenizer | None = None):
+                 skip_log_interval_s: float = 30.0, decode_images: bool = True, tokenizer: Tokenizer | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -85,6 +87,7 @@ class ShardDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
         self.require_caption = require_caption
+        self.decode_images = decode_images
         self.tokenizer = tokenizer
         self.skips = {name: SkipCounter(name, skip_log_interval_s) for name in ("train", "val", "test")}
 
@@ -112,7 +115,7 @@ class ShardDataModule(L.LightningDataModule):
                 f"{total} samples per epoch cannot fill one batch of {self.batch_size} on each of {world} ranks; "
                 "lower data.batch_size or raise data.samples_per_epoch"
             )
-        decoder = make_decoder(self.image_size, self.crop, self.flip, self.require_caption)
+        decoder = make_decoder(self.image_size, self.crop, self.flip, self.require_caption, self.decode_images)
         return TrainStream(urls, decoder, batch_size=self.batch_size, batches_per_rank=batches, seed=self.seed,
                            rank=rank, world_size=world, shuffle_buffer=self.shuffle_buffer,
                            skips=self.skips["train"], tokenizer=self.tokenizer)
@@ -123,7 +126,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.{split} is not set: name the {split} shards")
         urls = expand_urls(pattern)
         rank, world = self._rank_world()
-        decoder = make_decoder(self.image_size, "center", False, self.require_caption)
+        decoder = make_decoder(self.image_size, "center", False, self.require_caption, self.decode_images)
         return EvalStream(urls, shard_sample_counts(urls), decoder, batch_size=self.val_batch_size, rank=rank,
                           world_size=world, skips=self.skips[split], tokenizer=self.tokenizer)
 

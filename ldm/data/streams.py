@@ -57,30 +57,40 @@ def _worker() -> tuple[int, int]:
 class SampleDecoder:
     """Raw shard sample (bytes per extension) -> decoded sample dict.
 
-    Raises ``ValueError`` for a sample without an image or (when required) without
-    a non-empty caption; the stream's handler counts and skips it.
+    Decodes the image (``png``/``jpg``/...) through the transform, the caption, the ``json``
+    metadata, and every ``.npy`` array (``latent.npy`` -> ``latent``, ``clip_text.npy`` ->
+    ``clip_text``, ...) to a tensor. With ``decode_images=False`` (latent-only training) the
+    image is skipped. Raises ``ValueError`` for a sample with neither image nor arrays, or
+    (when required) without a non-empty caption; the stream's handler counts and skips it.
     """
 
     transform: ImageTransform
     require_caption: bool = True
+    decode_images: bool = True
 
     def __call__(self, sample: dict[str, Any], rng: random.Random | None = None) -> dict[str, Any]:
         key = sample.get("__key__", "?")
         where = f"sample {key!r} of {sample.get('__url__', '?')}"
+        out: dict[str, Any] = {}
+        for name, value in sample.items():
+            if name.endswith(".npy"):
+                out[name[: -len(".npy")]] = torch.from_numpy(np.load(io.BytesIO(value), allow_pickle=False))
         image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
+        if self.decode_images and image_key is not None:
+            with Image.open(io.BytesIO(sample[image_key])) as im:
+                im.load()
+                out["image"] = self.transform(im, rng)
+        elif self.decode_images or not out:
             found = sorted(k for k in sample if not k.startswith("__"))
-            raise ValueError(f"{where} has no image (looked for {', '.join(IMAGE_KEYS)}; found {found})")
-        with Image.open(io.BytesIO(sample[image_key])) as im:
-            im.load()
-            image = self.transform(im, rng)
+            wanted = ", ".join(IMAGE_KEYS) if self.decode_images else "a .npy array"
+            raise ValueError(f"{where} has no image (looked for {wanted}; found {found})")
         text_key = next((k for k in TEXT_KEYS if k in sample), None)
         text = sample[text_key].decode("utf-8") if text_key else ""
         text = text.strip()
         if self.require_caption and not text:
             raise ValueError(f"{where} has an empty or missing caption")
         meta = json.loads(sample["json"]) if "json" in sample else {}
-        return {"image": image, "text": text, "meta": meta, "key": key}
+        return {**out, "text": text, "meta": meta, "key": key}
 
 
 class _Progress:
@@ -179,6 +189,7 @@ class EvalStream(IterableDataset):
         self.per_rank = math.ceil(self.total / world_size)
         self.start = min(rank * self.per_rank, self.total)
         self.stop = min(self.start + self.per_rank, self.total)
+        self._template: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         """Batches per rank (the same on every rank)."""
@@ -208,8 +219,13 @@ class EvalStream(IterableDataset):
                 index += 1
 
     def _placeholder(self, index: int) -> dict[str, Any]:
-        size = self.decoder.transform.size
-        return {"image": torch.zeros(3, size, size), "text": "", "meta": {}, "key": f"<pad:{index}>", "valid": False}
+        """A padding row shaped like the real ones (zeros), marked ``valid=False``."""
+        if self._template is not None:
+            tensors = {k: torch.zeros_like(v) for k, v in self._template.items() if isinstance(v, torch.Tensor)}
+        else:
+            size = self.decoder.transform.size
+            tensors = {"image": torch.zeros(3, size, size)}
+        return {**tensors, "text": "", "meta": {}, "key": f"<pad:{index}>", "valid": False}
 
     def _mine(self, local: int, worker: int, num_workers: int) -> bool:
         # batches go to workers round-robin, as the DataLoader collects them: the order is the shard order
@@ -227,6 +243,8 @@ class EvalStream(IterableDataset):
             if raw is not None:
                 try:
                     item = {**self.decoder(raw), "valid": True}
+                    if self._template is None:
+                        self._template = item
                 except Exception as exn:  # counted, logged, replaced by a padding row
                     self.skips(exn)
             else:
@@ -245,8 +263,10 @@ class EvalStream(IterableDataset):
             yield collate(buf, self.tokenizer)
 
 
-def make_decoder(size: int, crop: str = "center", flip: bool = False, require_caption: bool = True) -> SampleDecoder:
-    return SampleDecoder(ImageTransform(size=size, crop=crop, flip=flip), require_caption=require_caption)
+def make_decoder(size: int, crop: str = "center", flip: bool = False, require_caption: bool = True,
+                 decode_images: bool = True) -> SampleDecoder:
+    return SampleDecoder(ImageTransform(size=size, crop=crop, flip=flip), require_caption=require_caption,
+                         decode_images=decode_images)
 
 
 Collate = Callable[[Sequence[dict[str, Any]]], Batch]
