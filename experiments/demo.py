@@ -1,22 +1,29 @@
 """`make demo`: the end-to-end demo on embedded defaults (synthetic data, CPU, W&B offline).
 
-Today it runs the data foundation: it renders captioned synthetic shape scenes into
-WebDataset shards, reads them back through the training DataModule, and writes
-under ``runs/demo/``:
+It renders captioned synthetic shape scenes into WebDataset shards, reads them back
+through the training DataModule, trains the debug KL autoencoder on them with the real
+``ldm fit`` command for a short CPU budget, and writes under ``runs/demo/``:
 
-    shards/            train/val shards + stats.json
-    preview.png        a captioned grid of validation samples
-    attributes.png     how often each shape, colour, object count and relation occurs
-    metrics.json       counts and loader throughput
-    report.md          what was made, with the figures above
+    shards/               train/val shards + stats.json
+    preview.png           a captioned grid of validation samples
+    attributes.png        how often each shape, colour, object count and relation occurs
+    autoencoder/          the autoencoder's run folder (config.yaml, checkpoints/, metrics.csv, wandb/)
+    reconstructions.png   validation images (top) and their reconstructions (bottom)
+    autoencoder_curves.png  training loss and validation PSNR / SSIM over steps
+    metrics.json          counts, loader throughput, PSNR / SSIM on the whole validation split
+    report.md             what was made, with the figures above
 
-Later stages (autoencoder, CLIP, prior, U-Net) extend this script.
+Later stages (CLIP, prior, U-Net) extend this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +32,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from ldm.data import shapes  # noqa: E402
 from ldm.data.datamodule import ShardDataModule  # noqa: E402
@@ -64,6 +74,60 @@ def plot_attributes(counts: dict[str, Counter], out: Path) -> None:
     plt.close(fig)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_autoencoder(out: Path, train_pattern: str, val_pattern: str, size: int, steps: int) -> Path:
+    """Run `ldm fit` on the debug KL autoencoder preset, as a user would; returns the run folder."""
+    run = out / "autoencoder" / "demo"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [str(Path(sys.executable).with_name("ldm")), "fit",
+           "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/autoencoder/kl-f4-debug.yaml"),
+           f"--data.train={train_pattern}", f"--data.val={val_pattern}", f"--data.image_size={size}",
+           "--data.batch_size=16", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=100",
+           "--trainer.limit_val_batches=4", "--trainer.enable_progress_bar=false",
+           "--model.init_args.loss.init_args.disc_weight=0",  # no GAN in a 2-minute run: it needs thousands of steps
+           f"--run.root={out}", "--run.name=autoencoder", "--run.version=demo", "--run.tags=[demo]"]
+    print("  $ " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    return run
+
+
+def plot_curves(run: Path, path: Path) -> None:
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    series = {k: [(int(r["step"]), float(r[k])) for r in rows if r.get(k)] for k in ("train/rec", "val/psnr", "val/ssim")}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, (name, points) in zip(axes, series.items()):
+        if points:
+            ax.plot(*zip(*points), marker="o" if name.startswith("val") else None)
+        ax.set_title(name)
+        ax.set_xlabel("optimizer step")
+    fig.suptitle("debug KL autoencoder (f = 4) on the demo shapes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate_autoencoder(run: Path, val_pattern: str, size: int, out: Path) -> dict:
+    from ldm.systems import load_autoencoder
+
+    ae = load_autoencoder(run)
+    psnr, ssim = PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0)
+    dm = ShardDataModule(val=val_pattern, image_size=size, batch_size=50, num_workers=0)
+    first = None
+    for batch in dm.val_dataloader():
+        x = batch["image"][batch["valid"]]
+        recon = ae.decode(ae.encode(x)).clamp(-1, 1)
+        psnr.update((recon + 1) / 2, (x + 1) / 2)
+        ssim.update((recon + 1) / 2, (x + 1) / 2)
+        if first is None:
+            first = torch.cat([x[:8], recon[:8]])
+    save_image(make_grid((first + 1) / 2, nrow=8, padding=2), out / "reconstructions.png")
+    return {"psnr": round(float(psnr.compute()), 2), "ssim": round(float(ssim.compute()), 4),
+            "scale_factor": round(float(ae.scale_factor), 4), "latent_shape": list(ae.encode(first[:1]).shape[1:])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
@@ -71,25 +135,26 @@ def main() -> None:
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ae-steps", type=int, default=600, help="autoencoder training steps (about 0.2 s each on CPU)")
     args = p.parse_args()
     out = Path(args.out)
     shards = out / "shards"
     t0 = time.time()
 
-    print(f"[1/4] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
+    print(f"[1/6] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
           f"(ldm shards synthetic --kind shapes --out {shards} --train {args.train} --val {args.val} --size {args.size})")
     stats = write_synthetic_shards(shards, train=args.train, val=args.val, size=args.size, seed=args.seed,
                                    shard_size=1000, overwrite=True)
     train_pattern, val_pattern = stats["splits"]["train"]["pattern"], stats["splits"]["val"]["pattern"]
 
-    print(f"[2/4] preview grid of validation samples -> {out / 'preview.png'}")
+    print(f"[2/6] preview grid of validation samples -> {out / 'preview.png'}")
     write_preview(val_pattern, out / "preview.png", n=16)
 
-    print(f"[3/4] attribute frequencies -> {out / 'attributes.png'}")
+    print(f"[3/6] attribute frequencies -> {out / 'attributes.png'}")
     counts = attribute_counts(train_pattern)
     plot_attributes(counts, out / "attributes.png")
 
-    print("[4/4] one training epoch and one validation pass through ShardDataModule (2 workers)")
+    print("[4/6] one training epoch and one validation pass through ShardDataModule (2 workers)")
     dm = ShardDataModule(train=train_pattern, val=val_pattern, image_size=args.size, batch_size=64, num_workers=2)
     start = time.perf_counter()
     n_train = sum(len(b["key"]) for b in dm.train_dataloader())
@@ -97,6 +162,12 @@ def main() -> None:
     start = time.perf_counter()
     n_val = sum(int(b["valid"].sum()) for b in dm.val_dataloader())
     val_s = time.perf_counter() - start
+
+    print(f"[5/6] training the debug KL autoencoder for {args.ae_steps} steps -> {out / 'autoencoder'}")
+    run = train_autoencoder(out, train_pattern, val_pattern, args.size, args.ae_steps)
+    plot_curves(run, out / "autoencoder_curves.png")
+    print(f"[6/6] reconstructing the validation split -> {out / 'reconstructions.png'}")
+    ae_metrics = evaluate_autoencoder(run, val_pattern, args.size, out)
 
     metrics = {
         "train_samples": stats["splits"]["train"]["samples"],
@@ -110,6 +181,7 @@ def main() -> None:
         "skipped_train": dm.skips["train"].count,
         "skipped_val": dm.skips["val"].count,
         "attributes": {k: dict(v) for k, v in counts.items()},
+        "autoencoder": {"run": str(run), "steps": args.ae_steps, **ae_metrics},
         "seconds": round(time.time() - t0, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -135,7 +207,26 @@ Synthetic captioned scenes (1-3 coloured shapes with spatial relations, exact me
 
 ![attributes](attributes.png)
 
-Next: train a stage on these shards with `ldm fit` (see the README).
+## Stage 1: the debug KL autoencoder (f = 4)
+
+Trained with `ldm fit -c configs/trainer/debug.yaml -c configs/autoencoder/kl-f4-debug.yaml` for
+{args.ae_steps} steps on CPU (no GAN term in so short a run); run folder `{run}`.
+
+| | |
+|---|---|
+| latent shape per image | {ae_metrics['latent_shape']} |
+| latent scale factor (1 / std) | {ae_metrics['scale_factor']} |
+| PSNR on all {n_val} validation images | {ae_metrics['psnr']} dB |
+| SSIM on all {n_val} validation images | {ae_metrics['ssim']} |
+
+![reconstructions](reconstructions.png)
+
+Top: validation images; bottom: their reconstructions.
+
+![curves](autoencoder_curves.png)
+
+Next: encode the shards for the diffusion stage with
+`ldm precompute latents --ckpt {run} --shards '{train_pattern}' --out runs/demo/latents`.
 """
     (out / "report.md").write_text(report)
     print(f"done in {metrics['seconds']} s: {out / 'report.md'}, {out / 'preview.png'}, {out / 'attributes.png'}, "
