@@ -1,6 +1,7 @@
 """LightningModules: thin systems that wire parts, own optimizers, logging and EMA."""
 
 from ldm.systems.autoencoder import AutoencoderSystem
+from ldm.systems.contrastive import ContrastiveSystem
 from ldm.systems.loading import load_autoencoder, load_system
 
-__all__ = ["AutoencoderSystem", "load_autoencoder", "load_system"]
+__all__ = ["AutoencoderSystem", "ContrastiveSystem", "load_autoencoder", "load_system"]

@@ -1,0 +1,36 @@
+"""CLIP score (Hessel et al. 2021): 100 * max(cos(image, caption), 0), averaged.
+
+A torchmetrics ``Metric`` over any model with ``encode_image`` / ``embed_texts`` (an
+:class:`~ldm.contrastive.OpenCLIP`: one of our contrastive checkpoints or a pretrained
+open_clip file). Sums and counts are synced across ranks by torchmetrics, so the value is
+exact under DDP. The scorer is frozen and not part of the metric's state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class CLIPScore(Metric):
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.__dict__["scorer"] = model  # not a submodule: its weights are not metric state
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @torch.no_grad()
+    def update(self, images: Tensor, captions: list[str]) -> None:
+        """Images (B, 3, H, W) in [-1, 1] and their B captions."""
+        img = self.scorer.encode_image(images.to(self.scorer.logit_scale.device))
+        txt = self.scorer.embed_texts(list(captions))
+        scores = 100 * (img * txt).sum(dim=1).clamp(min=0)  # (B,)
+        self.total += scores.sum().double().to(self.total.device)
+        self.count += len(scores)
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp(min=1)).float()

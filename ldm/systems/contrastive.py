@@ -1,0 +1,125 @@
+"""The contrastive system: trains an :class:`~ldm.contrastive.OpenCLIP` with CLIP's or SigLIP's loss.
+
+AdamW without weight decay on gains, biases, embeddings and the logit scale / bias (as
+open_clip_train), linear warmup then cosine decay, the logit scale clamped to ln(100) after
+every step. Logs the loss, the temperature (exp logit scale), the bias and the in-batch
+image->text accuracy. Validation embeds the whole validation split, gathers it exactly
+across ranks (the data module pads ranks to equal length and marks the padding) and logs
+image<->text recall@k and the zero-shot accuracy of each configured task.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as L
+import torch
+
+from ldm.contrastive import ContrastiveLoss, OpenCLIP, ZeroShotTask
+from ldm.metrics.retrieval import class_embeddings, recall_at_k, zero_shot_accuracy
+
+_NO_DECAY = ("bias", "logit_scale", "logit_bias", "embedding", "ln_", "norm", "bn")
+
+
+class ContrastiveSystem(L.LightningModule):
+    """Args:
+        model: the CLIP / SigLIP model.
+        loss: :class:`~ldm.contrastive.ClipLoss` or :class:`~ldm.contrastive.SigLipLoss`.
+        lr, weight_decay, betas, eps: AdamW (open_clip_train's defaults for ViT-B: 5e-4, 0.2, (0.9, 0.98), 1e-6).
+        warmup_steps: linear warmup; then cosine decay to 0 at the trainer's last step.
+        zero_shot: zero-shot classification tasks evaluated on the validation split.
+        recall_ks: k of the retrieval recall@k.
+    """
+
+    def __init__(self, model: OpenCLIP, loss: ContrastiveLoss, lr: float = 5e-4, weight_decay: float = 0.2,
+                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 100,
+                 zero_shot: list[ZeroShotTask] | None = None, recall_ks: list[int] | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "loss"])
+        self.model, self.loss = model, loss
+        self.zero_shot = list(zero_shot or [])
+        self.recall_ks = list(recall_ks or [1, 5, 10])
+        self._val: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def tokenizer(self):
+        """Linked into the data module by the CLI: batches arrive with ``tokens``."""
+        return self.model.tokenizer
+
+    def _bias(self):
+        return self.model.logit_bias if self.loss.uses_bias else None
+
+    def training_step(self, batch, batch_idx):
+        img = self.model.encode_image(batch["image"])  # (B, D), normalised
+        txt = self.model.encode_text(batch["tokens"])  # (B, D)
+        scale = self.model.logit_scale.exp()
+        loss = self.loss(img, txt, scale, self._bias())
+        with torch.no_grad():
+            acc = ((img @ txt.t()).argmax(dim=1) == torch.arange(len(img), device=img.device)).float().mean()
+        n = len(img)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({"train/logit_scale": scale, "train/in_batch_acc": acc}, batch_size=n)
+        if self.model.logit_bias is not None:
+            self.log("train/logit_bias", self.model.logit_bias.detach().squeeze(), batch_size=n)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))
+
+    # -- validation: exact over ranks ------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"image": [], "text": [], "valid": [], **{t.name: [] for t in self.zero_shot}}
+
+    def validation_step(self, batch, batch_idx):
+        img = self.model.encode_image(batch["image"])
+        txt = self.model.encode_text(batch["tokens"])
+        valid = batch.get("valid", torch.ones(len(img), dtype=torch.bool, device=img.device))
+        self._val["image"].append(img)
+        self._val["text"].append(txt)
+        self._val["valid"].append(valid)
+        for task in self.zero_shot:
+            labels = [task.label_of(m) for m in batch["meta"]]
+            self._val[task.name].append(torch.tensor(labels, device=img.device))
+        loss = self.loss(img[valid], txt[valid], self.model.logit_scale.exp(), self._bias()) if valid.any() else None
+        if loss is not None:
+            self.log("val/loss", loss, sync_dist=True, batch_size=int(valid.sum()))
+
+    def _gathered(self, key: str) -> torch.Tensor:
+        local = torch.cat(self._val[key])
+        every = self.all_gather(local)  # (W, N, ...) or (N, ...) on one process
+        return every.flatten(0, 1) if self.trainer.world_size > 1 else every
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val.get("image"):
+            return
+        valid = self._gathered("valid").bool()
+        img, txt = self._gathered("image")[valid], self._gathered("text")[valid]
+        for name, value in recall_at_k(img, txt, self.recall_ks).items():
+            self.log(f"val/{name}", value, sync_dist=False, rank_zero_only=False)
+        for task in self.zero_shot:
+            labels = self._gathered(task.name)[valid]
+            classes = class_embeddings(self.model.embed_texts, task.classes, task.templates)
+            self.log(f"val/zero_shot/{task.name}", zero_shot_accuracy(img, classes, labels))
+        self._val = {}
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or any(k in name for k in _NO_DECAY) else decay).append(p)
+        hp = self.hparams
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas, eps=hp.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
