@@ -2,6 +2,7 @@
 
 from ldm.contrastive.losses import ClipLoss, ContrastiveLoss, SigLipLoss
 from ldm.contrastive.model import OpenCLIP
+from ldm.contrastive.text_encoder import FrozenTextEncoder
 from ldm.contrastive.zero_shot import ZeroShotTask
 
-__all__ = ["ClipLoss", "ContrastiveLoss", "OpenCLIP", "SigLipLoss", "ZeroShotTask"]
+__all__ = ["ClipLoss", "ContrastiveLoss", "FrozenTextEncoder", "OpenCLIP", "SigLipLoss", "ZeroShotTask"]

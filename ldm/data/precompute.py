@@ -1,11 +1,17 @@
-"""Encode image shards into latent shards for the diffusion stages (``ldm precompute latents``).
+"""Add model outputs to shards for the later stages (``ldm precompute latents|embeddings``).
 
-For every input shard ``NAME.tar`` an output shard ``NAME.tar`` is written with, per sample,
-``latent.npy`` (float32, already multiplied by the autoencoder's scale factor), optionally
-``latent_std.npy`` (the KL posterior's std, scaled the same way), the original ``txt`` and
-``json``, and the image itself with ``keep_images``. Each output shard is written to a
-temporary name and renamed when complete, so an interrupted run resumes by skipping the
-shards that exist. A ``stats.json`` lists the shards and counts.
+For every input shard ``NAME.tar`` an output shard ``NAME.tar`` is written holding what the
+input had plus new ``.npy`` members:
+
+* latents: ``latent.npy`` (float32, multiplied by the autoencoder's scale factor), optionally
+  ``latent_std.npy`` (the KL posterior's std, scaled the same way); the images are dropped
+  unless ``keep_images``.
+* embeddings: ``clip_image.npy`` and ``clip_text.npy`` (pooled, normalised) and
+  ``clip_tokens.npy`` (the text tower's per-token features, (T, W)); everything is kept.
+
+So the two compose: embeddings first (on image shards), then latents. Each output shard is
+written under a temporary name and renamed when complete: a rerun skips finished shards.
+A ``stats.json`` lists the shards and counts per split prefix.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,49 +30,33 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.autoencoder import DiagonalGaussian
-from ldm.data.streams import IMAGE_KEYS
+from ldm.data.streams import IMAGE_KEYS, TEXT_KEYS
 from ldm.data.transforms import ImageTransform
 from ldm.data.urls import expand_urls, is_remote, shard_sample_counts
 from ldm.data.writer import brace_pattern
 
+Encoder = Callable[[list[dict[str, Any]]], list[dict[str, bytes]]]
 
-def _npy(array: np.ndarray) -> bytes:
+
+def npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
-@torch.no_grad()
-def _encode(autoencoder, images: torch.Tensor, with_std: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    h = autoencoder.encoder(images)
-    scale = autoencoder.scale_factor
-    if isinstance(autoencoder.bottleneck, DiagonalGaussian):
-        mean, logvar = autoencoder.bottleneck.moments(h)
-        return mean * scale, ((0.5 * logvar).exp() * scale) if with_std else None
-    z, _ = autoencoder.bottleneck(h)
-    return z * scale, None
-
-
-def precompute_latents(autoencoder, shards: str, out: str | os.PathLike, *, size: int, batch_size: int = 32,
-                       with_std: bool = False, keep_images: bool = False, device: str = "cpu",
-                       progress: bool = True) -> dict:
-    """Write latent shards for every shard of ``shards`` into ``out``; returns the stats."""
-    urls = expand_urls(shards)
-    if not urls:
-        raise ValueError(f"no shards match {shards!r}")
-    out = Path(out)
+def _map_shards(urls: list[str], out: Path, encode: Encoder, *, batch_size: int, drop: tuple[str, ...],
+                desc: str, progress: bool, info: dict[str, Any]) -> dict:
+    """Run ``encode`` over batches of raw samples of every shard; write shard by shard, resumably."""
     out.mkdir(parents=True, exist_ok=True)
-    autoencoder = autoencoder.to(device).eval()
-    transform = ImageTransform(size=size, crop="center")
     local = [u for u in urls if not is_remote(u)]
     total = sum(shard_sample_counts(local)) if len(local) == len(urls) else None
-    bar = tqdm(total=total, desc="precompute latents", unit="img", disable=not progress)
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
     counts: dict[str, int] = {}
     skipped = 0
     for url in urls:
         name = os.path.basename(url)
         target = out / name
-        if target.is_file():  # finished earlier: resume
+        if target.is_file():  # finished by an earlier run
             counts[name] = sum(shard_sample_counts([str(target)]))
             bar.update(counts[name])
             continue
@@ -72,37 +64,34 @@ def precompute_latents(autoencoder, shards: str, out: str | os.PathLike, *, size
         n = 0
         try:
             with wds.TarWriter(str(tmp)) as writer:
-                batch: list[tuple[dict, torch.Tensor]] = []
+                batch: list[dict[str, Any]] = []
 
                 def flush() -> None:
-                    nonlocal n
+                    nonlocal n, skipped
                     if not batch:
                         return
-                    images = torch.stack([img for _, img in batch]).to(device)
-                    mean, std = _encode(autoencoder, images, with_std)
-                    for i, (sample, _) in enumerate(batch):
-                        record = {"__key__": sample["__key__"], "latent.npy": _npy(mean[i].float().cpu().numpy())}
-                        if std is not None:
-                            record["latent_std.npy"] = _npy(std[i].float().cpu().numpy())
-                        for k in ("txt", "json", *(IMAGE_KEYS if keep_images else ())):
-                            if k in sample:
-                                record[k] = sample[k]
-                        writer.write(record)
-                    n += len(batch)
+                    try:
+                        extras = encode(batch)
+                    except (OSError, ValueError):  # one bad image: encode one by one, skip the bad ones
+                        extras = []
+                        for sample in batch:
+                            try:
+                                extras.append(encode([sample])[0])
+                            except (OSError, ValueError):
+                                extras.append(None)
+                    for sample, extra in zip(batch, extras):
+                        if extra is None:
+                            skipped += 1
+                            continue
+                        record = {k: v for k, v in sample.items()
+                                  if not k.startswith("__") and k not in drop and k not in extra}
+                        writer.write({"__key__": sample["__key__"], **record, **extra})
+                        n += 1
                     bar.update(len(batch))
                     batch.clear()
 
                 for sample in wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": url}]):
-                    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-                    try:
-                        if image_key is None:
-                            raise ValueError("no image")
-                        with Image.open(io.BytesIO(sample[image_key])) as im:
-                            im.load()
-                            batch.append((sample, transform(im)))
-                    except (OSError, ValueError):
-                        skipped += 1
-                        continue
+                    batch.append(sample)
                     if len(batch) == batch_size:
                         flush()
                 flush()
@@ -121,7 +110,87 @@ def precompute_latents(autoencoder, shards: str, out: str | os.PathLike, *, size
         names = sorted(shard_counts)
         splits[prefix] = {"samples": sum(shard_counts.values()), "shards": names, "shard_counts": shard_counts,
                           "pattern": str(out / brace_pattern(names))}
-    stats = {"kind": "latents", "source": shards, "image_size": size, "with_std": with_std,
-             "scale_factor": float(autoencoder.scale_factor), "skipped": skipped, "splits": splits}
+    stats = {**info, "skipped": skipped, "splits": splits}
     stats_path.write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _images(batch: list[dict[str, Any]], transform: ImageTransform) -> torch.Tensor:
+    images = []
+    for sample in batch:
+        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if image_key is None:
+            raise ValueError(f"sample {sample.get('__key__')} has no image")
+        with Image.open(io.BytesIO(sample[image_key])) as im:
+            im.load()
+            images.append(transform(im))
+    return torch.stack(images)
+
+
+def precompute_latents(autoencoder, shards: str, out: str | os.PathLike, *, size: int, batch_size: int = 32,
+                       with_std: bool = False, keep_images: bool = False, device: str = "cpu",
+                       progress: bool = True) -> dict:
+    """Encode every image of ``shards`` with a trained autoencoder into ``out``; returns the stats."""
+    urls = expand_urls(shards)
+    if not urls:
+        raise ValueError(f"no shards match {shards!r}")
+    autoencoder = autoencoder.to(device).eval()
+    transform = ImageTransform(size=size, crop="center")
+
+    @torch.no_grad()
+    def encode(batch):
+        h = autoencoder.encoder(_images(batch, transform).to(device))
+        scale = autoencoder.scale_factor
+        std = None
+        if isinstance(autoencoder.bottleneck, DiagonalGaussian):
+            mean, logvar = autoencoder.bottleneck.moments(h)
+            mean, std = mean * scale, ((0.5 * logvar).exp() * scale if with_std else None)
+        else:
+            mean = autoencoder.bottleneck(h)[0] * scale
+        extras = []
+        for i in range(len(batch)):
+            extra = {"latent.npy": npy(mean[i].float().cpu().numpy())}
+            if std is not None:
+                extra["latent_std.npy"] = npy(std[i].float().cpu().numpy())
+            extras.append(extra)
+        return extras
+
+    info = {"kind": "latents", "source": shards, "image_size": size, "with_std": with_std,
+            "scale_factor": float(autoencoder.scale_factor)}
+    return _map_shards(urls, Path(out), encode, batch_size=batch_size, drop=() if keep_images else IMAGE_KEYS,
+                       desc="precompute latents", progress=progress, info=info)
+
+
+def precompute_embeddings(text_encoder, shards: str, out: str | os.PathLike, *, batch_size: int = 64,
+                          with_tokens: bool = True, device: str = "cpu", progress: bool = True) -> dict:
+    """Add CLIP image / text embeddings (and per-token text features) to every sample of ``shards``."""
+    urls = expand_urls(shards)
+    if not urls:
+        raise ValueError(f"no shards match {shards!r}")
+    text_encoder = text_encoder.to(device).eval()
+    clip = text_encoder.model
+    transform = ImageTransform(size=clip.image_size[0], crop="center")
+
+    @torch.no_grad()
+    def encode(batch):
+        captions = []
+        for sample in batch:
+            key = next((k for k in TEXT_KEYS if k in sample), None)
+            captions.append(sample[key].decode("utf-8").strip() if key else "")
+        text = text_encoder(text_encoder.tokenizer(captions).to(device))
+        has_images = all(any(k in s for k in IMAGE_KEYS) for s in batch)
+        image = clip.encode_image(_images(batch, transform).to(device)) if has_images else None
+        extras = []
+        for i in range(len(batch)):
+            extra = {"clip_text.npy": npy(text["pooled"][i].float().cpu().numpy())}
+            if image is not None:
+                extra["clip_image.npy"] = npy(image[i].float().cpu().numpy())
+            if with_tokens:
+                extra["clip_tokens.npy"] = npy(text["tokens"][i].float().cpu().numpy())
+                extra["clip_mask.npy"] = npy(text["mask"][i].cpu().numpy())
+            extras.append(extra)
+        return extras
+
+    info = {"kind": "embeddings", "source": shards, "with_tokens": with_tokens}
+    return _map_shards(urls, Path(out), encode, batch_size=batch_size, drop=(), desc="precompute embeddings",
+                       progress=progress, info=info)

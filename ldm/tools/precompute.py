@@ -1,6 +1,8 @@
 """``ldm precompute``: add model outputs to shards for the later stages.
 
     ldm precompute latents --ckpt RUN_OR_CKPT --shards PATTERN --out DIR [--size PX] [--std]
+    ldm precompute embeddings --ckpt RUN_OR_CKPT --shards PATTERN --out DIR [--no-tokens]
+    ldm precompute embeddings --model-name ViT-H-14 --pretrained FILE --shards PATTERN --out DIR
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm precompute", description="Encode shards with a trained stage, for the "
                                 "next stage to train on precomputed inputs.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{latents}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{latents,embeddings}")
     lat = sub.add_parser("latents", help="autoencoder latents (latent.npy) for the diffusion stages",
                          description="Encode every image of the shards with a trained autoencoder into new shards "
                          "holding latent.npy (scaled by the autoencoder's scale factor) beside txt and json. "
@@ -28,6 +30,20 @@ def _parser() -> argparse.ArgumentParser:
     lat.add_argument("--keep-images", action="store_true", help="copy the images into the output shards too")
     lat.add_argument("--device", default="cuda" if _cuda() else "cpu")
     lat.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    emb = sub.add_parser("embeddings", help="CLIP embeddings (clip_text/clip_image/clip_tokens.npy)",
+                         description="Add the CLIP text embedding (pooled, normalised), the image embedding and the "
+                         "text tower's per-token features (+ mask) to every sample, keeping everything already there "
+                         "(run it before `latents`, which keeps them too). Resumable per shard.")
+    emb.add_argument("--ckpt", help="contrastive run folder (runs/<name>/<version>) or a .ckpt in one")
+    emb.add_argument("--model-name", help="an open_clip model name, with --pretrained, instead of --ckpt")
+    emb.add_argument("--pretrained", help="local open_clip checkpoint file for --model-name")
+    emb.add_argument("--shards", required=True, help="input shard pattern")
+    emb.add_argument("--out", required=True, help="output folder")
+    emb.add_argument("--batch-size", type=int, default=64)
+    emb.add_argument("--no-tokens", action="store_true", help="skip the per-token text features")
+    emb.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    emb.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -50,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "embeddings":
+            return _embeddings(args)
         from ldm.data.precompute import precompute_latents
         from ldm.systems.loading import load_autoencoder
 
@@ -65,6 +83,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm precompute {args.command}: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _embeddings(args) -> int:
+    from ldm.contrastive import FrozenTextEncoder
+    from ldm.data.precompute import precompute_embeddings
+
+    encoder = FrozenTextEncoder(checkpoint=args.ckpt, model_name=args.model_name, pretrained=args.pretrained)
+    stats = precompute_embeddings(encoder, args.shards, args.out, batch_size=args.batch_size,
+                                  with_tokens=not args.no_tokens, device=args.device, progress=not args.quiet)
+    for split, s in stats["splits"].items():
+        print(f"{split}: {s['samples']} samples with embeddings in {len(s['shards'])} shards: {s['pattern']}")
     return 0
 
 
