@@ -10,10 +10,11 @@ through the training DataModule, trains the debug KL autoencoder on them with th
     autoencoder/          the autoencoder's run folder (config.yaml, checkpoints/, metrics.csv, wandb/)
     reconstructions.png   validation images (top) and their reconstructions (bottom)
     autoencoder_curves.png  training loss and validation PSNR / SSIM over steps
+    clip/                 the CLIP debug run folder (stage 2), retrieval and zero-shot in metrics.json
     metrics.json          counts, loader throughput, PSNR / SSIM on the whole validation split
     report.md             what was made, with the figures above
 
-Later stages (CLIP, prior, U-Net) extend this script.
+Later stages (prior, U-Net) extend this script.
 """
 
 from __future__ import annotations
@@ -93,6 +94,24 @@ def train_autoencoder(out: Path, train_pattern: str, val_pattern: str, size: int
     return run
 
 
+def train_clip(out: Path, train_pattern: str, val_pattern: str, steps: int) -> dict:
+    """Run `ldm fit` on the CLIP debug preset; returns the last validation metrics."""
+    run = out / "clip" / "demo"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [str(Path(sys.executable).with_name("ldm")), "fit",
+           "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
+           f"--data.train={train_pattern}", f"--data.val={val_pattern}", f"--trainer.max_steps={steps}",
+           "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0", "--trainer.limit_val_batches=1.0",
+           "--trainer.enable_progress_bar=false", f"--run.root={out}", "--run.name=clip", "--run.version=demo",
+           "--run.tags=[demo]"]
+    print("  $ " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/i2t_R@1")]
+    last = rows[-1]
+    keys = ["val/i2t_R@1", "val/i2t_R@10", "val/t2i_R@1", "val/t2i_R@10", "val/zero_shot/colour", "val/zero_shot/shape"]
+    return {"run": str(run), "steps": steps, **{k.removeprefix("val/"): round(float(last[k]), 4) for k in keys}}
+
+
 def plot_curves(run: Path, path: Path) -> None:
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     series = {k: [(int(r["step"]), float(r[k])) for r in rows if r.get(k)] for k in ("train/rec", "val/psnr", "val/ssim")}
@@ -136,25 +155,26 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ae-steps", type=int, default=600, help="autoencoder training steps (about 0.2 s each on CPU)")
+    p.add_argument("--clip-steps", type=int, default=310, help="CLIP training steps (5 epochs of 62; about 0.1 s each)")
     args = p.parse_args()
     out = Path(args.out)
     shards = out / "shards"
     t0 = time.time()
 
-    print(f"[1/6] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
+    print(f"[1/7] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
           f"(ldm shards synthetic --kind shapes --out {shards} --train {args.train} --val {args.val} --size {args.size})")
     stats = write_synthetic_shards(shards, train=args.train, val=args.val, size=args.size, seed=args.seed,
                                    shard_size=1000, overwrite=True)
     train_pattern, val_pattern = stats["splits"]["train"]["pattern"], stats["splits"]["val"]["pattern"]
 
-    print(f"[2/6] preview grid of validation samples -> {out / 'preview.png'}")
+    print(f"[2/7] preview grid of validation samples -> {out / 'preview.png'}")
     write_preview(val_pattern, out / "preview.png", n=16)
 
-    print(f"[3/6] attribute frequencies -> {out / 'attributes.png'}")
+    print(f"[3/7] attribute frequencies -> {out / 'attributes.png'}")
     counts = attribute_counts(train_pattern)
     plot_attributes(counts, out / "attributes.png")
 
-    print("[4/6] one training epoch and one validation pass through ShardDataModule (2 workers)")
+    print("[4/7] one training epoch and one validation pass through ShardDataModule (2 workers)")
     dm = ShardDataModule(train=train_pattern, val=val_pattern, image_size=args.size, batch_size=64, num_workers=2)
     start = time.perf_counter()
     n_train = sum(len(b["key"]) for b in dm.train_dataloader())
@@ -163,11 +183,13 @@ def main() -> None:
     n_val = sum(int(b["valid"].sum()) for b in dm.val_dataloader())
     val_s = time.perf_counter() - start
 
-    print(f"[5/6] training the debug KL autoencoder for {args.ae_steps} steps -> {out / 'autoencoder'}")
+    print(f"[5/7] training the debug KL autoencoder for {args.ae_steps} steps -> {out / 'autoencoder'}")
     run = train_autoencoder(out, train_pattern, val_pattern, args.size, args.ae_steps)
     plot_curves(run, out / "autoencoder_curves.png")
-    print(f"[6/6] reconstructing the validation split -> {out / 'reconstructions.png'}")
+    print(f"[6/7] reconstructing the validation split -> {out / 'reconstructions.png'}")
     ae_metrics = evaluate_autoencoder(run, val_pattern, args.size, out)
+    print(f"[7/7] training the debug CLIP for {args.clip_steps} steps -> {out / 'clip'}")
+    clip_metrics = train_clip(out, train_pattern, val_pattern, args.clip_steps)
 
     metrics = {
         "train_samples": stats["splits"]["train"]["samples"],
@@ -182,6 +204,7 @@ def main() -> None:
         "skipped_val": dm.skips["val"].count,
         "attributes": {k: dict(v) for k, v in counts.items()},
         "autoencoder": {"run": str(run), "steps": args.ae_steps, **ae_metrics},
+        "clip": clip_metrics,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -224,6 +247,17 @@ Trained with `ldm fit -c configs/trainer/debug.yaml -c configs/autoencoder/kl-f4
 Top: validation images; bottom: their reconstructions.
 
 ![curves](autoencoder_curves.png)
+
+## Stage 2: the debug CLIP
+
+Trained with `ldm fit -c configs/trainer/debug.yaml -c configs/contrastive/clip-debug.yaml` for
+{args.clip_steps} steps on CPU (32 px, 2-layer towers); run folder `{clip_metrics['run']}`. Retrieval
+over all {n_val} validation scenes (chance: R@1 {1 / n_val:.3f}, R@10 {10 / n_val:.3f}) and zero-shot
+accuracy on the single-object scenes (chance: colour 0.111, shape 0.167):
+
+| image->text R@1 | R@10 | text->image R@1 | R@10 | zero-shot colour | zero-shot shape |
+|---:|---:|---:|---:|---:|---:|
+| {clip_metrics['i2t_R@1']} | {clip_metrics['i2t_R@10']} | {clip_metrics['t2i_R@1']} | {clip_metrics['t2i_R@10']} | {clip_metrics['zero_shot/colour']} | {clip_metrics['zero_shot/shape']} |
 
 Next: encode the shards for the diffusion stage with
 `ldm precompute latents --ckpt {run} --shards '{train_pattern}' --out runs/demo/latents`.
