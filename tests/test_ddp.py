@@ -39,3 +39,31 @@ def test_two_rank_ddp_on_uneven_shards_gets_equal_batches(tmp_path):
     assert load("train", 0, 0)["batches"] != load("train", 0, 1)["batches"]  # a new draw each epoch
     assert (tmp_path / "runs/toy/version_0/config.yaml").is_file()
     assert not (tmp_path / "runs/toy/version_1").exists()  # both ranks wrote into one run folder
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_contrastive_validation_equals_one_process(shapes_dir, tmp_path):
+    """Retrieval recall over the validation split is gathered exactly: 2 ranks report what 1 process does."""
+    import csv
+
+    import pytorch_lightning as L
+
+    from ldm.data import ShardDataModule
+    from ldm.systems import load_system
+
+    res = run_ldm([
+        "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
+        f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar", "--data.batch_size=8",
+        "--data.val_batch_size=4", "--data.num_workers=0", "--trainer.strategy=ddp", "--trainer.devices=2",
+        "--trainer.max_steps=-1", "--trainer.max_epochs=1", "--trainer.val_check_interval=1.0",
+        "--trainer.limit_val_batches=1.0", "--trainer.log_every_n_steps=1",
+    ], cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = tmp_path / "runs/clip-debug/version_0"
+    logged = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/i2t_R@5")][-1]
+    system = load_system(run)
+    dm = ShardDataModule(val=f"{shapes_dir}/val-*.tar", image_size=32, val_batch_size=7, num_workers=0,
+                         tokenizer=system.tokenizer)
+    single = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(system, dm, verbose=False)[0]
+    for key in ("val/i2t_R@1", "val/i2t_R@5", "val/t2i_R@5", "val/t2i_R@10", "val/zero_shot/colour"):
+        assert abs(float(logged[key]) - single[key]) < 1e-6, (key, logged[key], single[key])
