@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ldm.data.transforms import as_rgb, resize_center_crop
 from ldm.data.writer import StagedShardDir, encode_image
 
 log = logging.getLogger(__name__)
@@ -107,16 +108,6 @@ def _lookup(table: dict[str, str], image: Path, root: Path) -> str | None:
     return None
 
 
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to ``size`` and crop the centre square."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def iter_folder(images: Path, captions: Path | None, file_column: str | None,
                 caption_column: str | None) -> Iterator[tuple[Path, str | None]]:
     table = read_caption_table(captions, file_column, caption_column) if captions else None
@@ -157,7 +148,7 @@ def folder_to_shards(images: str | os.PathLike, out: str | os.PathLike, *, capti
             try:
                 with Image.open(path) as im:
                     im.load()
-                    image = im.convert("RGB")
+                    image = as_rgb(im)
             except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
                 report.skip(f"unreadable image: {type(e).__name__}", path)
                 continue

@@ -16,6 +16,35 @@ import torch
 from PIL import Image
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Resize so that the shorter side is ``size`` (bicubic, antialiased); unchanged if it already is."""
+    w, h = image.size
+    if min(w, h) == size:
+        return image
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC,
+                        reducing_gap=3.0)
+
+
+def crop_square(image: Image.Image, size: int, rng: random.Random | None = None) -> Image.Image:
+    """A ``size`` square: at a random position drawn from ``rng``, or the centre without one."""
+    w, h = image.size
+    if rng is not None:
+        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+    else:
+        left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` and crop the centre square."""
+    return crop_square(resize_shorter(image, size), size)
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """Resize the shorter side to ``size``, crop a ``size``-square, flip, map to [-1, 1].
@@ -35,17 +64,8 @@ class ImageTransform:
             raise ValueError(f"crop must be 'center' or 'random', got {self.crop!r}")
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        image = image.convert("RGB")
-        w, h = image.size
-        if min(w, h) != self.size:
-            scale = self.size / min(w, h)
-            w, h = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-            image = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-        if self.crop == "random" and rng is not None:
-            left, top = rng.randint(0, w - self.size), rng.randint(0, h - self.size)
-        else:
-            left, top = (w - self.size) // 2, (h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
+        image = resize_shorter(as_rgb(image), self.size)
+        image = crop_square(image, self.size, rng if self.crop == "random" else None)
         if self.flip and rng is not None and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
