@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
 from ldm.autoencoder import DiagonalGaussian
-from ldm.data.streams import IMAGE_KEYS, TEXT_KEYS
+from ldm.data.streams import IMAGE_KEYS, caption_of, load_image
 from ldm.data.transforms import ImageTransform
 from ldm.data.urls import expand_urls, is_remote, shard_sample_counts
 from ldm.data.writer import brace_pattern
@@ -118,12 +117,10 @@ def _map_shards(urls: list[str], out: Path, encode: Encoder, *, batch_size: int,
 def _images(batch: list[dict[str, Any]], transform: ImageTransform) -> torch.Tensor:
     images = []
     for sample in batch:
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
+        image = load_image(sample)
+        if image is None:
             raise ValueError(f"sample {sample.get('__key__')} has no image")
-        with Image.open(io.BytesIO(sample[image_key])) as im:
-            im.load()
-            images.append(transform(im))
+        images.append(transform(image))
     return torch.stack(images)
 
 
@@ -173,10 +170,7 @@ def precompute_embeddings(text_encoder, shards: str, out: str | os.PathLike, *, 
 
     @torch.no_grad()
     def encode(batch):
-        captions = []
-        for sample in batch:
-            key = next((k for k in TEXT_KEYS if k in sample), None)
-            captions.append(sample[key].decode("utf-8").strip() if key else "")
+        captions = [caption_of(sample) for sample in batch]
         text = text_encoder(text_encoder.tokenizer(captions).to(device))
         has_images = all(any(k in s for k in IMAGE_KEYS) for s in batch)
         image = clip.encode_image(_images(batch, transform).to(device)) if has_images else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 from collections.abc import Sequence
@@ -11,7 +10,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from ldm.data.streams import IMAGE_KEYS, TEXT_KEYS
+from ldm.data.streams import caption_of, load_image
 from ldm.data.urls import expand_urls
 
 
@@ -20,15 +19,13 @@ def read_samples(pattern: str, n: int) -> list[tuple[Image.Image, str]]:
     out: list[tuple[Image.Image, str]] = []
     stream = wds.tarfile_to_samples(handler=wds.ignore_and_continue)([{"url": u} for u in expand_urls(pattern)])
     for sample in stream:
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if image_key is None:
-            continue
         try:
-            image = Image.open(io.BytesIO(sample[image_key])).convert("RGB")
+            image = load_image(sample)
         except OSError:
             continue
-        text_key = next((k for k in TEXT_KEYS if k in sample), None)
-        out.append((image, sample[text_key].decode("utf-8") if text_key else ""))
+        if image is None:
+            continue
+        out.append((image, caption_of(sample)))
         if len(out) >= n:
             break
     return out

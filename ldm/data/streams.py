@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -36,12 +36,31 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ldm.data.batch import Batch, Tokenizer, collate
 from ldm.data.errors import SkipCounter
-from ldm.data.transforms import ImageTransform
+from ldm.data.transforms import ImageTransform, as_rgb
 
 log = logging.getLogger("ldm.data")
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 TEXT_KEYS = ("txt", "text", "caption")
+
+
+def load_image(sample: dict[str, Any]) -> Image.Image | None:
+    """The sample's image (``png``/``jpg``/...), decoded to RGB; None if it has none.
+
+    Raises ``OSError`` (PIL's ``UnidentifiedImageError`` among them) when the bytes do not decode.
+    """
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        return None
+    with Image.open(io.BytesIO(sample[key])) as im:
+        im.load()
+        return as_rgb(im)
+
+
+def caption_of(sample: dict[str, Any]) -> str:
+    """The sample's caption (``txt``/``text``/``caption``), stripped; "" if it has none."""
+    key = next((k for k in TEXT_KEYS if k in sample), None)
+    return sample[key].decode("utf-8").strip() if key else ""
 
 
 def _seed(*parts: int) -> int:
@@ -75,18 +94,13 @@ class SampleDecoder:
         for name, value in sample.items():
             if name.endswith(".npy"):
                 out[name[: -len(".npy")]] = torch.from_numpy(np.load(io.BytesIO(value), allow_pickle=False))
-        image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if self.decode_images and image_key is not None:
-            with Image.open(io.BytesIO(sample[image_key])) as im:
-                im.load()
-                out["image"] = self.transform(im, rng)
+        if self.decode_images and (image := load_image(sample)) is not None:
+            out["image"] = self.transform(image, rng)
         elif self.decode_images or not out:
             found = sorted(k for k in sample if not k.startswith("__"))
             wanted = ", ".join(IMAGE_KEYS) if self.decode_images else "a .npy array"
             raise ValueError(f"{where} has no image (looked for {wanted}; found {found})")
-        text_key = next((k for k in TEXT_KEYS if k in sample), None)
-        text = sample[text_key].decode("utf-8") if text_key else ""
-        text = text.strip()
+        text = caption_of(sample)
         if self.require_caption and not text:
             raise ValueError(f"{where} has an empty or missing caption")
         meta = json.loads(sample["json"]) if "json" in sample else {}
@@ -268,5 +282,3 @@ def make_decoder(size: int, crop: str = "center", flip: bool = False, require_ca
     return SampleDecoder(ImageTransform(size=size, crop=crop, flip=flip), require_caption=require_caption,
                          decode_images=decode_images)
 
-
-Collate = Callable[[Sequence[dict[str, Any]]], Batch]

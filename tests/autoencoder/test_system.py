@@ -9,7 +9,6 @@ import torch
 from ldm.autoencoder import AutoencoderLoss
 from ldm.autoencoder.perceptual import LPIPS
 from ldm.cli import LDMCLI
-from ldm.data import ShardDataModule
 from ldm.systems import load_autoencoder
 from tests.conftest import REPO
 

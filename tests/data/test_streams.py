@@ -6,7 +6,6 @@ import tarfile
 
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from ldm.data.datamodule import ShardDataModule
