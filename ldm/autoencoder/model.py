@@ -35,11 +35,21 @@ class Autoencoder(nn.Module):
         return self.decoder(z), z, info
 
     @torch.no_grad()
+    def encode_posterior(self, x: Tensor, sample: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Images -> (scaled latents, scaled posterior std or None).
+
+        KL: the mode (or a sample with ``sample``) and the posterior std; VQ: the codes and None.
+        """
+        h = self.encoder(x)
+        if isinstance(self.bottleneck, DiagonalGaussian):
+            z, info = self.bottleneck(h, sample=sample)
+            return z * self.scale_factor, info["std"] * self.scale_factor
+        return self.bottleneck(h)[0] * self.scale_factor, None
+
+    @torch.no_grad()
     def encode(self, x: Tensor, sample: bool = False) -> Tensor:
         """Images -> scaled latents (the mode for KL unless ``sample``)."""
-        h = self.encoder(x)
-        z, _ = self.bottleneck(h, sample=sample) if isinstance(self.bottleneck, DiagonalGaussian) else self.bottleneck(h)
-        return z * self.scale_factor
+        return self.encode_posterior(x, sample)[0]
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:

@@ -28,7 +28,6 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from ldm.autoencoder import DiagonalGaussian
 from ldm.data.streams import IMAGE_KEYS, caption_of, load_image
 from ldm.data.transforms import ImageTransform
 from ldm.data.urls import expand_urls, is_remote, shard_sample_counts
@@ -136,18 +135,11 @@ def precompute_latents(autoencoder, shards: str, out: str | os.PathLike, *, size
 
     @torch.no_grad()
     def encode(batch):
-        h = autoencoder.encoder(_images(batch, transform).to(device))
-        scale = autoencoder.scale_factor
-        std = None
-        if isinstance(autoencoder.bottleneck, DiagonalGaussian):
-            mean, logvar = autoencoder.bottleneck.moments(h)
-            mean, std = mean * scale, ((0.5 * logvar).exp() * scale if with_std else None)
-        else:
-            mean = autoencoder.bottleneck(h)[0] * scale
+        mean, std = autoencoder.encode_posterior(_images(batch, transform).to(device))
         extras = []
         for i in range(len(batch)):
             extra = {"latent.npy": npy(mean[i].float().cpu().numpy())}
-            if std is not None:
+            if with_std and std is not None:
                 extra["latent_std.npy"] = npy(std[i].float().cpu().numpy())
             extras.append(extra)
         return extras
