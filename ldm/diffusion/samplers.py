@@ -126,31 +126,18 @@ def sample_euler(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = 
     x + (sigma_next - sigma) (x - D) / sigma = D + (sigma_next / sigma)(x - D): in sigma space
     an Euler step is a deterministic DDIM step.
     """
-    levels = _levels(sigmas)
-    n = len(levels) - 1
-    for i in range(n):
-        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)
-        x = torch.lerp(denoised, x, levels[i + 1] / levels[i])
-        _report(callback, i, n, x, sigmas, denoised)
-    return x
+    return sample_ddim(model_fn, x, sigmas, eta=0.0, cond=cond, callback=callback)
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0, cond: Cond = None,
                            generator: torch.Generator | None = None,
                            callback: StepCallback | None = None) -> Tensor:
-    """Euler step down to sigma_down, then add sigma_up noise (see :func:`ancestral_step`)."""
-    levels = _levels(sigmas)
-    n = len(levels) - 1
-    for i in range(n):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = torch.lerp(denoised, x, sigma_down / sigma)
-        if sigma_up > 0:
-            x = x + sigma_up * _noise(x, generator)
-        _report(callback, i, n, x, sigmas, denoised)
-    return x
+    """Euler step down to sigma_down, then add sigma_up noise (see :func:`ancestral_step`).
+
+    The Euler step to sigma_down is the DDIM step to sigma_down, so this is DDIM with ``eta``.
+    """
+    return sample_ddim(model_fn, x, sigmas, eta=eta, cond=cond, generator=generator, callback=callback)
 
 
 @torch.no_grad()
