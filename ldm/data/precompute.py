@@ -17,7 +17,6 @@ A ``stats.json`` lists the shards and counts per split prefix.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from ldm.data.streams import IMAGE_KEYS, caption_of, load_image
 from ldm.data.transforms import ImageTransform
 from ldm.data.urls import expand_urls, is_remote, shard_sample_counts
-from ldm.data.writer import brace_pattern
+from ldm.data.writer import read_splits, split_entry, write_stats
 
 Encoder = Callable[[list[dict[str, Any]]], list[dict[str, bytes]]]
 
@@ -99,17 +98,13 @@ def _map_shards(urls: list[str], out: Path, encode: Encoder, *, batch_size: int,
                 tmp.unlink()
         counts[name] = n
     bar.close()
-    stats_path = out / "stats.json"
-    previous = json.loads(stats_path.read_text()).get("splits", {}) if stats_path.is_file() else {}
-    splits = dict(previous)
+    splits = read_splits(out)
     for prefix in sorted({n.rpartition("-")[0] or n for n in counts}):  # train-000001.tar -> train
-        shard_counts = {**previous.get(prefix, {}).get("shard_counts", {}),
+        shard_counts = {**splits.get(prefix, {}).get("shard_counts", {}),
                         **{n: c for n, c in counts.items() if (n.rpartition("-")[0] or n) == prefix}}
-        names = sorted(shard_counts)
-        splits[prefix] = {"samples": sum(shard_counts.values()), "shards": names, "shard_counts": shard_counts,
-                          "pattern": str(out / brace_pattern(names))}
+        splits[prefix] = split_entry(out, shard_counts)
     stats = {**info, "skipped": skipped, "splits": splits}
-    stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+    write_stats(out, stats)
     return stats
 
 

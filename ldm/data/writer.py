@@ -50,6 +50,30 @@ def brace_pattern(names: list[str]) -> str:
     return f"{prefix}-{{{num_first}..{num_last}}}.{ext}"
 
 
+def split_entry(out: Path, shard_counts: dict[str, int]) -> dict[str, Any]:
+    """The ``stats.json`` entry of one split: sample count, shards in order, per-shard counts, pattern."""
+    names = sorted(n for n, c in shard_counts.items() if c > 0)
+    return {"samples": sum(shard_counts[n] for n in names), "shards": names,
+            "shard_counts": {n: shard_counts[n] for n in names},
+            "pattern": str(out / brace_pattern(names)) if names else None}
+
+
+def read_splits(out: Path) -> dict[str, Any]:
+    """The ``splits`` of an existing ``out/stats.json`` ({} when absent or unreadable)."""
+    path = out / "stats.json"
+    try:
+        return json.loads(path.read_text()).get("splits", {}) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_stats(out: Path, stats: dict[str, Any]) -> None:
+    """Write ``out/stats.json`` atomically."""
+    tmp = out / "stats.json.tmp"
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, out / "stats.json")
+
+
 class SplitWriter:
     """Writes one split's samples with ``webdataset.ShardWriter``, counting per shard."""
 
@@ -115,25 +139,11 @@ class StagedShardDir:
         for name, w in self.writers.items():
             for old in self.out.glob(f"{name}-*.tar"):
                 old.unlink()
-            names = [n for n, c in w.counts.items() if c > 0]
-            for n in names:
+            splits[name] = split_entry(self.out, w.counts)
+            for n in splits[name]["shards"]:
                 os.replace(self.staging / n, self.out / n)
-            splits[name] = {
-                "samples": sum(w.counts.values()),
-                "shards": names,
-                "shard_counts": {n: w.counts[n] for n in names},
-                "pattern": str(self.out / brace_pattern(names)) if names else None,
-            }
-        stats_path = self.out / "stats.json"
-        previous: dict[str, Any] = {}
-        if stats_path.is_file():
-            try:
-                previous = json.loads(stats_path.read_text()).get("splits", {})
-            except ValueError:
-                previous = {}
         # keep the entries of splits this run did not touch (e.g. val written earlier)
-        previous = {k: v for k, v in previous.items() if k not in splits and (self.out / (v.get("shards") or [""])[0]).is_file()}
+        previous = {k: v for k, v in read_splits(self.out).items()
+                    if k not in splits and (self.out / (v.get("shards") or [""])[0]).is_file()}
         self.stats = {**self.info, "splits": {**previous, **splits}}
-        tmp = stats_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.stats, indent=2) + "\n")
-        os.replace(tmp, stats_path)
+        write_stats(self.out, self.stats)
