@@ -2,9 +2,9 @@
 
 A *shard pattern* is what a config names for a split, e.g.
 ``data/shapes/train-{000000..000009}.tar`` or ``a-{0..3}.tar::b-*.tar``.
-Local paths are checked when the config is parsed, so a typo fails before
-any model or data is built; remote URLs (``pipe:``, ``s3://``, ``http://``)
-are passed through to webdataset untouched.
+The CLI checks that local shard files exist once the config is fully composed,
+so a typo fails before any model or data is built; remote URLs (``pipe:``,
+``s3://``, ``http://``) are passed through to webdataset untouched.
 """
 
 from __future__ import annotations
@@ -80,10 +80,6 @@ class ShardPattern(str):
                 "Make shards with `ldm shards synthetic ...` or `ldm shards from-folder ...`, "
                 "or fix the path."
             )
-
-    @property
-    def urls(self) -> list[str]:
-        return expand_urls(str(self))
 
 
 def _register_with_jsonargparse() -> None:

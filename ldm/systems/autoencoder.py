@@ -94,7 +94,7 @@ class AutoencoderSystem(L.LightningModule):
         x = batch["image"]  # (B, 3, H, W)
         step = int(self.batches_seen)
         recon, z, info = self.autoencoder(x)
-        self._track_latents(z)
+        self._track_latents(z, first=step == 0)
         loss_g, terms = self.loss.generator_loss(x, recon, info, self.autoencoder.decoder.last_layer, step)
         self._step(opt_g, sched_g, loss_g)
         if self.loss.uses_gan(step):
@@ -110,8 +110,8 @@ class AutoencoderSystem(L.LightningModule):
         self.batches_seen += 1
 
     @torch.no_grad()
-    def _track_latents(self, z: torch.Tensor) -> None:
-        m = self.scale_momentum if int(self.batches_seen) > 0 else 0.0
+    def _track_latents(self, z: torch.Tensor, first: bool) -> None:
+        m = 0.0 if first else self.scale_momentum
         moments = torch.stack([z.float().mean(), z.float().pow(2).mean()])
         self.latent_moments.mul_(m).add_(moments, alpha=1 - m)
         var = (self.latent_moments[1] - self.latent_moments[0] ** 2).clamp(min=1e-12)

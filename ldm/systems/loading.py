@@ -43,10 +43,10 @@ def find_config(ckpt: Path) -> Path:
 def load_system(path: str | os.PathLike, *, freeze: bool = True, map_location: str | torch.device = "cpu") -> L.LightningModule:
     """Rebuild the system of a run folder (or of a checkpoint inside one) with its trained weights."""
     ckpt = find_checkpoint(path)
-    config = yaml.safe_load(find_config(ckpt).read_text())
-    model_cfg = config.get("model")
+    config_path = find_config(ckpt)
+    model_cfg = yaml.safe_load(config_path.read_text()).get("model")
     if not model_cfg:
-        raise ValueError(f"{find_config(ckpt)} has no model section")
+        raise ValueError(f"{config_path} has no model section")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningModule, "model")
     parsed = parser.parse_object({"model": model_cfg})
