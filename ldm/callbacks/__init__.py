@@ -2,5 +2,6 @@
 
 from ldm.callbacks.data_monitor import DataSkipMonitor
 from ldm.callbacks.reconstructions import ReconstructionLogger
+from ldm.callbacks.samples import SampleLogger
 
-__all__ = ["DataSkipMonitor", "ReconstructionLogger"]
+__all__ = ["DataSkipMonitor", "ReconstructionLogger", "SampleLogger"]

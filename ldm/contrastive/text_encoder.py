@@ -35,6 +35,8 @@ class FrozenTextEncoder(nn.Module):
         else:
             self.model = OpenCLIP(model_name=model_name, pretrained=pretrained)
         self.model.eval().requires_grad_(False)
+        probe = self(self.tokenizer([""]))["tokens"]  # (1, T, W)
+        self.context_length, self.width = probe.shape[1], probe.shape[2]
 
     @property
     def tokenizer(self):
@@ -42,6 +44,11 @@ class FrozenTextEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)  # frozen: always in eval mode
+
+    def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Tokenize and encode a list of prompts (for sampling)."""
+        tokens = self.tokenizer(list(prompts)).to(device or next(self.model.parameters()).device)
+        return self(tokens)
 
     @torch.no_grad()
     def forward(self, tokens: Tensor) -> dict[str, Tensor]:

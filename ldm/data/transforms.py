@@ -76,3 +76,9 @@ class ImageTransform:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats (B, 3, H, W) -> uint8 (B, 3, H, W)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] floats (B, 3, H, W) -> PIL images."""
+    arrays = to_uint8(images.detach().cpu()).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in arrays]

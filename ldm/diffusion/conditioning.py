@@ -4,10 +4,14 @@ With probability ``p`` per sample the condition is replaced by a null condition 
 Salimans 2022, Algorithm 1): zeros, or a learned embedding (as DALL-E 2's prior and
 Imagen do). The Bernoulli mask is drawn per sample, so a batch mixes conditional and
 unconditional examples; the same null is what the sampler's unconditional branch uses.
+
+:class:`ConditionDropout` drops one tensor; :func:`drop_condition` drops a whole dict condition
+(context, its mask, a vector) with one draw per sample, the null being :func:`null_condition`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -50,3 +54,34 @@ class ConditionDropout(nn.Module):
         drop = drop.to(cond.device)
         mask = drop.reshape(-1, *([1] * len(self.shape)))
         return torch.where(mask, self.null_like(cond), cond), drop
+
+
+#: condition keys that are never dropped: concatenated inputs (inpainting masks, low-res images) are
+#: part of the task, not the prompt, and stay in both branches of classifier-free guidance
+KEEP_KEYS = ("concat",)
+
+
+def null_condition(cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The unconditional counterpart of a dict condition, used in training (dropout) and guidance.
+
+    Feature tensors (``context``, ``y`` vectors) become zeros; masks (keys ending in ``mask``)
+    become all-True, so attention over the zero context is defined; :data:`KEEP_KEYS` stay.
+    """
+    out = {}
+    for key, value in cond.items():
+        if key in KEEP_KEYS:
+            out[key] = value
+        elif key.endswith("mask"):
+            out[key] = torch.ones_like(value, dtype=torch.bool)
+        elif not value.is_floating_point():
+            raise ValueError(f"cannot make a null condition for the integer tensor {key!r} (class labels): "
+                             "reserve a null class and drop labels in the data instead")
+        else:
+            out[key] = torch.zeros_like(value)
+    return out
+
+
+def drop_condition(cond: Mapping[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
+    """Replace the rows of ``cond`` where ``drop`` (B,) is True by :func:`null_condition` (one draw per sample)."""
+    null = null_condition(cond)
+    return {k: torch.where(drop.reshape(-1, *([1] * (v.ndim - 1))).to(v.device), null[k], v) for k, v in cond.items()}

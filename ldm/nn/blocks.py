@@ -41,14 +41,19 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv (asymmetric padding, as the LDM autoencoder)."""
+    """Halve H and W with a stride-2 3x3 conv.
 
-    def __init__(self, channels: int):
+    Padding is asymmetric (right / bottom only) as in the LDM autoencoder, or one pixel on
+    every side (``symmetric``) as in the LDM / Stable Diffusion U-Net.
+    """
+
+    def __init__(self, channels: int, symmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+        self.symmetric = symmetric
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1 if symmetric else 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+        return self.conv(x if self.symmetric else F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
 
 
 class Upsample(nn.Module):

@@ -2,6 +2,7 @@
 
 from ldm.systems.autoencoder import AutoencoderSystem
 from ldm.systems.contrastive import ContrastiveSystem
+from ldm.systems.latent_diffusion import LatentDiffusion
 from ldm.systems.loading import load_autoencoder, load_system
 
-__all__ = ["AutoencoderSystem", "ContrastiveSystem", "load_autoencoder", "load_system"]
+__all__ = ["AutoencoderSystem", "ContrastiveSystem", "LatentDiffusion", "load_autoencoder", "load_system"]

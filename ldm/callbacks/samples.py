@@ -1,0 +1,88 @@
+"""Logs samples for a fixed prompt list during training: a captioned grid to W&B and as PNG.
+
+Every ``every_n_steps`` optimizer steps and at the end of training, rank 0 samples one image
+per (prompt, repeat) with a fixed seed and fixed sampler settings, so successive grids
+differ only by the weights. When an ``EMAWeightAveraging`` (any ``WeightAveraging``)
+callback is present the EMA weights are used (its averaged copy of the model); otherwise
+the live weights. Grids go to ``<run folder>/images/samples-step<N>.png`` and to W&B
+under ``samples``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as L
+import torch
+from pytorch_lightning.callbacks import WeightAveraging
+from pytorch_lightning.loggers import WandbLogger
+
+from ldm.data.preview import caption_grid
+from ldm.data.transforms import to_pil
+from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
+
+
+def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA copy of the model kept by a WeightAveraging callback, or the model itself."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
+            return cb._average_model.module
+    return pl_module
+
+
+class SampleLogger(L.Callback):
+    """Args:
+        prompts: the fixed prompt list.
+        every_n_steps: sampling interval in optimizer steps (0 = only at the end).
+        n_per_prompt: images per prompt (seeds seed, seed+1, ...).
+        sampler, steps, cfg, seed: sampler settings (see :class:`~ldm.pipelines.SamplerSettings`).
+        image_size: output size in pixels (default: the size of the training images).
+        cell: pixel size of one image in the grid.
+    """
+
+    def __init__(self, prompts: list[str], every_n_steps: int = 1000, n_per_prompt: int = 1,
+                 sampler: str = "dpmpp_2m", steps: int = 20, cfg: float = 5.0, seed: int = 0,
+                 image_size: int | None = None, cell: int = 96):
+        if not prompts:
+            raise ValueError("SampleLogger needs at least one prompt")
+        self.prompts = [p for p in prompts for _ in range(n_per_prompt)]
+        self.settings = SamplerSettings(sampler=sampler, steps=steps, cfg=cfg, seed=seed)
+        self.every_n_steps, self.image_size, self.cell = every_n_steps, image_size, cell
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.image_size is None:
+            if "image" in batch:
+                self.image_size = batch["image"].shape[-1]
+            elif "latent" in batch:
+                self.image_size = batch["latent"].shape[-1] * pl_module.first_stage.downsample_factor
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self.log_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.log_samples(trainer, pl_module)
+
+    @torch.no_grad()
+    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        if not trainer.is_global_zero or trainer.global_step == self._last_step or self.image_size is None:
+            return None
+        self._last_step = trainer.global_step
+        module = averaged_module(trainer, pl_module)
+        was_training = module.training
+        module.eval()
+        try:
+            images = TextToImage(module)(self.prompts, self.settings, image_size=self.image_size, progress=False)
+        finally:
+            module.train(was_training)
+        grid = caption_grid(list(zip(to_pil(images), self.prompts)), cell=self.cell)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"samples-step{trainer.global_step:07d}.png"
+        grid.save(path)
+        s = self.settings
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[grid], step=trainer.global_step,
+                                 caption=[f"{s.sampler}, {s.steps} steps, cfg {s.cfg}, seed {s.seed}"])
+        return path

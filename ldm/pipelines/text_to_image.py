@@ -1,0 +1,129 @@
+"""Text -> image with a trained latent-diffusion run: encode prompts, guide, sample, decode.
+
+The chain of Rombach et al. 2022, sec. 4.3 / Stable Diffusion: prompt tokens -> frozen
+text encoder -> U-Net denoiser (preconditioned) wrapped in classifier-free guidance ->
+any sampler of :mod:`ldm.diffusion.samplers` from pure noise -> first-stage decoder.
+
+Determinism: the initial noise of image ``i`` is drawn from a CPU generator seeded with
+``seed + i``, so an image depends on its seed and prompt only, not on the batch it was
+drawn in or the device; ancestral samplers also draw per-chunk noise from ``seed``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion import SAMPLERS, classifier_free_guidance, karras_sigmas, null_condition, progress_bar
+from ldm.diffusion.precond import Preconditioner, VPPrecond
+from ldm.diffusion.schedules import append_zero
+
+Spacing = Literal["leading", "trailing", "linspace", "karras"]
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample: the sampler's name (a key of ``SAMPLERS``), steps, guidance scale, seed.
+
+    ``eta`` is the noise of DDIM / Euler-ancestral steps; ``rescale`` the guidance rescale of
+    Lin et al. 2024; ``spacing`` the timestep spacing (``karras`` for continuous models).
+    """
+
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    cfg: float = 5.0
+    seed: int = 0
+    eta: float = 0.0
+    rescale: float = 0.0
+    spacing: Spacing = "leading"
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sampling_sigmas(precond: Preconditioner, steps: int, spacing: Spacing = "leading") -> Tensor:
+    """Descending noise levels ending in 0 (length steps + 1) for a preconditioner."""
+    if spacing != "karras" and isinstance(precond, VPPrecond):
+        return precond.schedule.sigmas_for(steps, spacing).float()
+    return append_zero(karras_sigmas(steps, precond.sigma_min, precond.sigma_max)).float()
+
+
+def initial_noise(n: int, shape: Sequence[int], seed: int, offset: int = 0) -> Tensor:
+    """(n, *shape) standard normal noise; row i from a CPU generator seeded ``seed + offset + i``."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + offset + i)) for i in range(n)]
+    return torch.stack(rows)
+
+
+class TextToImage:
+    """Sample images for prompts from a :class:`~ldm.systems.LatentDiffusion` (in eval mode, frozen)."""
+
+    def __init__(self, system, batch_size: int = 16):
+        self.system = system
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", **kwargs) -> TextToImage:
+        from ldm.systems import LatentDiffusion, load_system
+
+        system = load_system(path)
+        if not isinstance(system, LatentDiffusion):
+            raise TypeError(f"{path} is a {type(system).__name__} run, not a latent-diffusion run "
+                            "(ldm sample needs a checkpoint of ldm.systems.LatentDiffusion)")
+        return cls(system.to(device), **kwargs)
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        fs = self.system.first_stage
+        if image_size % fs.downsample_factor:
+            raise ValueError(f"image size {image_size} is not a multiple of the first stage's factor {fs.downsample_factor}")
+        side = image_size // fs.downsample_factor
+        return fs.latent_channels, side, side
+
+    def condition(self, prompts: Sequence[str]) -> dict[str, Tensor] | None:
+        system = self.system
+        if not system.uses_text:
+            return None
+        if system.text_encoder is None:
+            raise ValueError("this model was trained on precomputed text features and has no text encoder to read "
+                             "prompts: set model.text_encoder in its config")
+        tokens = system.text_encoder.tokenizer(list(prompts)).to(system.device)
+        return system.condition({"tokens": tokens}) or None
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
+                 progress: bool = True) -> Tensor:
+        """Images (len(prompts), 3, H, W) in [-1, 1], one per prompt (repeat a prompt for several)."""
+        system = self.system
+        shape = self.latent_shape(image_size)
+        sampler = SAMPLERS[settings.sampler]
+        extra = {"eta": settings.eta} if "eta" in inspect.signature(sampler).parameters else {}
+        sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(system.device)
+        out = []
+        chunks = math.ceil(len(prompts) / self.batch_size)
+        for c in range(chunks):
+            lo = c * self.batch_size
+            part = list(prompts[lo: lo + self.batch_size])
+            cond = self.condition(part)
+            model_fn = system.denoiser()
+            if cond is not None and settings.cfg != 1.0:
+                model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=null_condition(cond),
+                                                    rescale=settings.rescale)
+            x = initial_noise(len(part), shape, settings.seed, offset=lo).to(system.device)
+            x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
+            gen = torch.Generator(system.device).manual_seed(settings.seed + lo)
+            desc = f"sampling {settings.sampler}" + (f" [{c + 1}/{chunks}]" if chunks > 1 else "")
+            callback = progress_bar(desc) if progress else None
+            z = sampler(model_fn, x, sigmas, cond=cond, generator=gen, callback=callback, **extra)
+            out.append(system.first_stage.decode(z).clamp(-1, 1).float().cpu())
+        return torch.cat(out)

@@ -1,0 +1,213 @@
+"""The latent-diffusion system: a U-Net trained to denoise first-stage latents, conditioned on text.
+
+Stable Diffusion's recipe (Rombach et al. 2022): a frozen first stage (a stage-1
+autoencoder, or the identity for pixel-space diffusion), a frozen text encoder (our
+contrastive run or a pretrained open_clip file), the U-Net, a preconditioner and the
+denoising loss of :mod:`ldm.diffusion`. This module only wires them:
+
+* latents come from ``batch["latent"]`` (precomputed shards) or the first stage
+  (image shards); with ``sample_posterior`` a KL posterior sample is drawn from its std;
+* the condition comes from ``batch["clip_tokens" / "clip_mask" / "clip_text"]``
+  (precomputed) or the text encoder on ``batch["tokens"]``; both paths give the same loss;
+* with probability ``cond_drop`` per sample the whole condition is replaced by the null
+  condition (classifier-free guidance training, Ho & Salimans 2022);
+* AdamW with linear warmup; gradient clipping is the trainer's ``gradient_clip_val``; EMA is
+  Lightning's ``EMAWeightAveraging`` callback (validation and checkpoints then use EMA weights);
+* validation: the loss at fixed noise levels with fixed noise, so curves of different runs
+  compare (``val/loss_t<T>`` per level and their mean ``val/loss``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import pytorch_lightning as L
+import torch
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from ldm.autoencoder.first_stage import FirstStage, IdentityFirstStage
+from ldm.contrastive.text_encoder import FrozenTextEncoder
+from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner, drop_condition
+from ldm.diffusion.precond import VPPrecond
+
+log = logging.getLogger(__name__)
+# the frozen first stage and text encoder are in eval mode on purpose
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+VectorCond = Literal["text", "clip_text", "clip_image"]
+
+
+class _Shared:
+    """A value that deep copies of the module share: the EMA callback deep-copies the whole system,
+    and the optimizer callable jsonargparse builds holds references that cannot be copied."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class LatentDiffusion(L.LightningModule):
+    """Args:
+        unet: the denoising network, called ``unet(x, t, context=, context_mask=, y=)``.
+        first_stage: frozen image <-> latent maps (default: identity = pixel space).
+        text_encoder: frozen text encoder; None when batches carry precomputed text features
+            or the model is unconditional.
+        precond: parameterisation (default: eps prediction on SD's linear DDPM schedule).
+        loss: noise-level sampling and weighting (default: uniform timesteps, no weighting).
+        cond_drop: probability of dropping the condition per sample (0.1 in SD).
+        vector_cond: what feeds the U-Net's ``y`` route: ``text`` (the pooled text embedding),
+            ``clip_text`` / ``clip_image`` (precomputed embeddings of those names); None = off.
+        sample_posterior: draw latents from the KL posterior instead of its mode.
+        optimizer: optimizer of the U-Net (default AdamW, lr 1e-4, no weight decay).
+        warmup_steps: linear learning-rate warmup, in optimizer steps.
+        val_timesteps: fixed DDPM timesteps of the validation loss (VP preconditioners).
+        val_sigmas: fixed noise levels of the validation loss (any preconditioner; wins over timesteps).
+        val_seed: seed of the fixed validation noise.
+    """
+
+    def __init__(self, unet: nn.Module, first_stage: FirstStage | None = None,
+                 text_encoder: FrozenTextEncoder | None = None, precond: Preconditioner | None = None,
+                 loss: DenoisingLoss | None = None, cond_drop: float = 0.1, vector_cond: VectorCond | None = None,
+                 sample_posterior: bool = False, optimizer: OptimizerCallable = _adamw, warmup_steps: int = 0,
+                 val_timesteps: Sequence[int] = (100, 300, 500, 700, 900), val_sigmas: Sequence[float] | None = None,
+                 val_seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "precond", "loss"])
+        if not 0.0 <= cond_drop <= 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1], got {cond_drop}")
+        self.unet = unet
+        self.first_stage = first_stage if first_stage is not None else IdentityFirstStage()
+        self.text_encoder = text_encoder
+        self.precond = precond if precond is not None else EpsPrecond()
+        self.loss = loss if loss is not None else DenoisingLoss()
+        self.cond_drop, self.vector_cond, self.sample_posterior = cond_drop, vector_cond, sample_posterior
+        self.optimizer_fn, self.warmup_steps = _Shared(optimizer), warmup_steps
+        self.val_seed = val_seed
+        self.val_levels = self._val_levels(val_timesteps, val_sigmas)  # (names, sigmas)
+        self._check_shapes()
+
+    def _val_levels(self, timesteps, sigmas) -> tuple[list[str], Tensor]:
+        if sigmas is not None:
+            return [f"sigma{s:g}" for s in sigmas], torch.tensor(list(sigmas), dtype=torch.float32)
+        if not isinstance(self.precond, VPPrecond):
+            raise ValueError("val_timesteps need a discrete VP preconditioner; give val_sigmas for "
+                             f"{type(self.precond).__name__}")
+        t = torch.tensor(list(timesteps), dtype=torch.float64)
+        return [f"t{int(x)}" for x in timesteps], self.precond.schedule.t_to_sigma(t).float()
+
+    def _check_shapes(self) -> None:
+        """Mismatched stages fail here, at construction, naming both sides."""
+        unet_in = getattr(self.unet, "in_channels", None)
+        if unet_in is not None and unet_in != self.first_stage.latent_channels:
+            raise ValueError(f"unet.in_channels is {unet_in} but the first stage makes "
+                             f"{self.first_stage.latent_channels}-channel latents")
+        context_dim = getattr(self.unet, "context_dim", None)
+        if self.text_encoder is not None and context_dim is not None and context_dim != self.text_encoder.width:
+            raise ValueError(f"unet.context_dim is {context_dim} but the text encoder's token features are "
+                             f"{self.text_encoder.width} wide")
+        if self.vector_cond is not None and getattr(self.unet, "y_dim", 0) is None:
+            raise ValueError(f"vector_cond is {self.vector_cond!r} but the U-Net has no y route (set unet y_dim)")
+
+    @property
+    def tokenizer(self):
+        """Linked into the data module by the CLI, so image batches arrive with ``tokens``."""
+        return self.text_encoder.tokenizer if self.text_encoder is not None else None
+
+    @property
+    def uses_text(self) -> bool:
+        return getattr(self.unet, "context_dim", None) is not None or self.vector_cond == "text"
+
+    # -- inputs ------------------------------------------------------------------------------
+    def latents(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents (B, C, h, w) of a batch: precomputed, or encoded now."""
+        if "latent" in batch:
+            z, std = batch["latent"], batch.get("latent_std")
+        else:
+            z, std = self.first_stage.encode_posterior(batch["image"])
+        if self.sample_posterior:
+            if std is None:
+                raise ValueError("sample_posterior needs the posterior std: a KL first stage, or latent shards "
+                                 "precomputed with --std")
+            z = z + std * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        return z
+
+    def text_features(self, batch: dict) -> dict[str, Tensor]:
+        """{tokens (B, T, W), mask (B, T), pooled (B, D)}: precomputed or from the text encoder."""
+        if "clip_tokens" in batch:
+            return {"tokens": batch["clip_tokens"], "mask": batch["clip_mask"].bool(), "pooled": batch.get("clip_text")}
+        if self.text_encoder is not None and "tokens" in batch:
+            return self.text_encoder(batch["tokens"])
+        raise ValueError("this model is conditioned on text, but the batch has neither clip_tokens (precomputed "
+                         "embedding shards) nor tokens (set model.text_encoder so the data module tokenizes captions)")
+
+    def condition(self, batch: dict) -> dict[str, Tensor]:
+        """The U-Net's condition for a batch: context + mask (cross-attention), y (vector route)."""
+        cond: dict[str, Tensor] = {}
+        text = self.text_features(batch) if self.uses_text else None
+        if getattr(self.unet, "context_dim", None) is not None:
+            cond["context"], cond["context_mask"] = text["tokens"], text["mask"]
+        if self.vector_cond == "text":
+            if text["pooled"] is None:
+                raise ValueError("vector_cond 'text' needs clip_text in precomputed batches")
+            cond["y"] = text["pooled"]
+        elif self.vector_cond is not None:
+            if self.vector_cond not in batch:
+                raise ValueError(f"vector_cond {self.vector_cond!r}: the batch has no {self.vector_cond} "
+                                 "(precompute embeddings into the shards)")
+            cond["y"] = batch[self.vector_cond]
+        return cond
+
+    def denoiser(self):
+        """``model_fn(x, sigma, cond) -> x0_hat`` for the samplers."""
+        return self.precond.bind(self.unet)
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        z = self.latents(batch)  # (B, C, h, w)
+        cond = self.condition(batch)
+        if cond and self.cond_drop > 0:
+            drop = torch.rand(len(z), device=z.device) < self.cond_drop  # (B,)
+            cond = drop_condition(cond, drop)
+            self.log("train/cond_dropped", drop.float().mean(), batch_size=len(z))
+        losses = self.loss(self.precond, self.unet, z, cond or None)  # (B,)
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(z))
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.optimizer_fn.value([p for p in self.parameters() if p.requires_grad])
+
+        def warmup(step: int) -> float:
+            return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation: loss at fixed noise levels with fixed noise ------------------------------
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        z = self.latents(batch)
+        cond = self.condition(batch) or None
+        valid = batch.get("valid", torch.ones(len(z), dtype=torch.bool, device=z.device))
+        n = int(valid.sum())
+        if n == 0:
+            return
+        gen = torch.Generator(z.device).manual_seed(self.val_seed * 1_000_003 + batch_idx * 4099 + self.global_rank)
+        noise = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+        per_level = []
+        for name, sigma in zip(self.val_levels[0], self.val_levels[1].tolist()):
+            s = torch.full((len(z),), sigma, device=z.device, dtype=z.dtype)
+            value = self.loss(self.precond, self.unet, z, cond, sigma=s, noise=noise)[valid].mean()
+            per_level.append(value)
+            self.log(f"val/loss_{name}", value, batch_size=n, sync_dist=True)
+        self.log("val/loss", torch.stack(per_level).mean(), batch_size=n, sync_dist=True, prog_bar=True)
