@@ -32,7 +32,8 @@ from ldm.runs import VERSION_ENV, RunSettings, build_loggers, resolve_version, s
 #: tool subcommand -> (module with ``main(argv)``, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
     "shards": ("ldm.tools.shards", "write WebDataset shards (synthetic scenes, image folders) and preview them"),
-    "precompute": ("ldm.tools.precompute", "encode shards with a trained stage (autoencoder latents)"),
+    "precompute": ("ldm.tools.precompute", "encode shards with a trained stage (autoencoder latents, CLIP embeddings)"),
+    "sample": ("ldm.tools.sample", "sample images for prompts from a trained latent-diffusion run"),
 }
 
 
@@ -43,7 +44,8 @@ def _epilog() -> str:
         "examples:\n"
         "  ldm fit -c configs/trainer/debug.yaml -c my_experiment.yaml --trainer.max_steps=100\n"
         "  ldm fit -c my_experiment.yaml --print_config\n"
-        "  ldm shards synthetic --kind shapes --out data/shapes --train 10000 --val 1000 --size 64"
+        "  ldm shards synthetic --kind shapes --out data/shapes --train 10000 --val 1000 --size 64\n"
+        "  ldm sample --ckpt runs/ldm-debug/version_0 --prompt 'a red circle' --n 4 --out grid.png"
     )
 
 

@@ -15,7 +15,6 @@ instead of producing NaN.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn

@@ -172,12 +172,18 @@ class LatentDiffusion(L.LightningModule):
         return self.precond.bind(self.unet)
 
     # -- training ----------------------------------------------------------------------------
+    def drop(self, cond: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
+        """(condition with each sample's condition nulled with probability cond_drop, the drop mask (B,))."""
+        first = next(iter(cond.values()))
+        drop = torch.rand(len(first), generator=generator, device=generator.device if generator else first.device)
+        drop = (drop < self.cond_drop).to(first.device)  # (B,)
+        return drop_condition(cond, drop), drop
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         z = self.latents(batch)  # (B, C, h, w)
         cond = self.condition(batch)
         if cond and self.cond_drop > 0:
-            drop = torch.rand(len(z), device=z.device) < self.cond_drop  # (B,)
-            cond = drop_condition(cond, drop)
+            cond, drop = self.drop(cond)
             self.log("train/cond_dropped", drop.float().mean(), batch_size=len(z))
         losses = self.loss(self.precond, self.unet, z, cond or None)  # (B,)
         loss = losses.mean()

@@ -40,6 +40,16 @@ def find_config(ckpt: Path) -> Path:
     )
 
 
+def run_config(path: str | os.PathLike) -> dict:
+    """The resolved config.yaml of a run folder (or of a checkpoint inside one)."""
+    return yaml.safe_load(find_config(find_checkpoint(path)).read_text()) or {}
+
+
+def run_image_size(path: str | os.PathLike) -> int | None:
+    """``data.init_args.image_size`` of a run's config, or None."""
+    return ((run_config(path).get("data") or {}).get("init_args") or {}).get("image_size")
+
+
 def load_system(path: str | os.PathLike, *, freeze: bool = True, map_location: str | torch.device = "cpu") -> L.LightningModule:
     """Rebuild the system of a run folder (or of a checkpoint inside one) with its trained weights."""
     ckpt = find_checkpoint(path)

@@ -53,15 +53,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _run_image_size(ckpt: str) -> int | None:
-    import yaml
-
-    from ldm.systems.loading import find_checkpoint, find_config
-
-    config = yaml.safe_load(find_config(find_checkpoint(ckpt)).read_text())
-    return ((config.get("data") or {}).get("init_args") or {}).get("image_size")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -69,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "embeddings":
             return _embeddings(args)
         from ldm.data.precompute import precompute_latents
-        from ldm.systems.loading import load_autoencoder
+        from ldm.systems.loading import load_autoencoder, run_image_size
 
-        size = args.size or _run_image_size(args.ckpt)
+        size = args.size or run_image_size(args.ckpt)
         if not size:
             raise ValueError("cannot tell the image size from the run's config: pass --size")
         stats = precompute_latents(load_autoencoder(args.ckpt), args.shards, args.out, size=size,
