@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ldm.data.synthetic import write_synthetic_shards
 
@@ -46,3 +47,26 @@ def run_ldm(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> sub
     ldm = Path(sys.executable).with_name("ldm")
     return subprocess.run([str(ldm), *args], cwd=cwd, env=ldm_env(**env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory):
+    """torch-fidelity's Inception-v3 feature extractor with random weights, saved like the real file.
+
+    The module is built with its weight loading stubbed out (the real file cannot be
+    downloaded here); the system then loads this file through the real rFID path. FID values
+    computed with it are not meaningful.
+    """
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    folder = tmp_path_factory.mktemp("inception")
+    stub = folder / "empty.pth"
+    torch.save({}, stub)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
+        torch.manual_seed(0)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(stub))
+    path = folder / "inception-random.pth"
+    torch.save(model.state_dict(), path)
+    return path

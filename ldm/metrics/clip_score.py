@@ -24,13 +24,14 @@ class CLIPScore(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     @torch.no_grad()
-    def update(self, images: Tensor, captions: list[str]) -> None:
-        """Images (B, 3, H, W) in [-1, 1] and their B captions."""
+    def update(self, images: Tensor, captions: list[str]) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] and their B captions; returns the B per-image scores."""
         img = self.scorer.encode_image(images.to(self.scorer.logit_scale.device))
         txt = self.scorer.embed_texts(list(captions))
         scores = 100 * (img * txt).sum(dim=1).clamp(min=0)  # (B,)
         self.total += scores.sum().double().to(self.total.device)
         self.count += len(scores)
+        return scores
 
     def compute(self) -> Tensor:
         return (self.total / self.count.clamp(min=1)).float()

@@ -102,8 +102,12 @@ class TextToImage:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
-                 progress: bool = True) -> Tensor:
-        """Images (len(prompts), 3, H, W) in [-1, 1], one per prompt (repeat a prompt for several)."""
+                 progress: bool = True, index_offset: int = 0) -> Tensor:
+        """Images (len(prompts), 3, H, W) in [-1, 1], one per prompt (repeat a prompt for several).
+
+        ``index_offset``: the global index of the first prompt, when a list is shared out (over ranks):
+        image ``i`` uses the noise of seed ``seed + index_offset + i`` wherever it is drawn.
+        """
         system = self.system
         shape = self.latent_shape(image_size)
         sampler = SAMPLERS[settings.sampler]
@@ -119,9 +123,9 @@ class TextToImage:
             if cond is not None and settings.cfg != 1.0:
                 model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=null_condition(cond),
                                                     rescale=settings.rescale)
-            x = initial_noise(len(part), shape, settings.seed, offset=lo).to(system.device)
+            x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
             x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
-            gen = torch.Generator(system.device).manual_seed(settings.seed + lo)
+            gen = torch.Generator(system.device).manual_seed(settings.seed + index_offset + lo)
             desc = f"sampling {settings.sampler}" + (f" [{c + 1}/{chunks}]" if chunks > 1 else "")
             callback = progress_bar(desc) if progress else None
             z = sampler(model_fn, x, sigmas, cond=cond, generator=gen, callback=callback, **extra)

@@ -1,0 +1,184 @@
+"""Generation metrics: FID, KID, Inception Score, and FD-CLIP, exact across ranks.
+
+* Features: torch-fidelity's Inception-v3 (``inception-v3-compat``, the TF-FID network that
+  torchmetrics wraps too): 2048-d pool features for FID / KID and the unbiased logits for IS,
+  one pass per image. The weights come from a local file (``weights``) or, where the machine
+  is online and ``weights`` is None, torch-fidelity's download. Real and generated images take
+  the same path: [-1, 1] floats -> uint8 (:func:`~ldm.data.transforms.to_uint8`) -> the
+  extractor's own bilinear resize to 299.
+* FD-CLIP: the same Fréchet distance in the feature space of a CLIP image tower (ours or an
+  open_clip file; Kynkäänniemi et al. 2023 argue such features track human judgement better
+  than Inception's), needs no external weights.
+* Math: torch-fidelity's ``fid_statistics_to_metric``, ``kid_features_to_metric`` and
+  ``isc_features_to_metric`` on float64 features, so values equal
+  ``torch_fidelity.calculate_metrics`` on the same images (tested).
+* Distribution: features are torchmetrics list states (``dist_reduce_fx="cat"``) tagged with
+  each image's global index; ``compute`` gathers them from every rank and orders them by index,
+  so N images spread over any number of ranks give exactly the single-process numbers
+  (no per-rank FID).
+
+Reference (real) features can be set from a cache (:mod:`ldm.metrics.reference`) instead of
+being recomputed for every evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from ldm.data.transforms import to_uint8
+
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+
+
+class InceptionFeatures(nn.Module):
+    """Images (B, 3, H, W) in [-1, 1] -> (pool features (B, 2048), unbiased logits (B, 1008)), float64."""
+
+    def __init__(self, weights: str | None = "download"):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        if weights == "download":
+            weights = None
+        if weights is not None:
+            weights = os.path.expanduser(str(weights))
+            if not os.path.isfile(weights):
+                raise FileNotFoundError(
+                    f"Inception weights {weights} do not exist: download {INCEPTION_URL} on a machine with internet "
+                    "and pass its local path")
+        self.weights = weights
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=weights)
+        except Exception as e:  # torch-fidelity's download failed: say what to do
+            if weights is not None:
+                raise
+            raise RuntimeError(f"could not download the Inception weights ({e}); fetch {INCEPTION_URL} and pass "
+                               "its path as the Inception weights") from e
+        self.net.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        pool, logits = self.net(to_uint8(images))
+        return pool.double(), logits.double()
+
+
+class ClipImageFeatures(nn.Module):
+    """Images in [-1, 1] -> normalised CLIP image embeddings (B, D), float64 (for FD-CLIP)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        return self.clip.encode_image(images.to(self.clip.logit_scale.device)).double()
+
+
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D) (torch-fidelity's formula)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = [fid_features_to_statistics(x.double().cpu()) for x in (a, b)]
+    return fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID]
+
+
+def kernel_inception_distance(a: Tensor, b: Tensor, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
+    """(mean, std) of the polynomial-kernel MMD^2 over random subsets (Bińkowski et al. 2018)."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    size = min(subset_size, len(a), len(b))
+    out = kid_features_to_metric(a.double().cpu(), b.double().cpu(), kid_subsets=subsets, kid_subset_size=size,
+                                 kid_degree=3, kid_gamma=None, kid_coef0=1, rng_seed=2020, verbose=False)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over splits of exp(E KL(p(y|x) || p(y))) (Salimans et al. 2016)."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    out = isc_features_to_metric(logits.double().cpu(), splits=min(splits, len(logits)), shuffle=True, rng_seed=2020)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def _cat(state: list[Tensor] | Tensor) -> Tensor | None:
+    """A list state as one tensor (after a sync torchmetrics has already concatenated it)."""
+    if isinstance(state, Tensor):
+        return state
+    return dim_zero_cat(state) if state else None
+
+
+class GenerationMetrics(Metric):
+    """FID, KID, IS (and FD-CLIP with a CLIP) of generated images against real ones.
+
+    ``update(images, index, real=False)`` adds images (B, 3, H, W) in [-1, 1] with their global
+    indices (B,); ``set_reference`` installs cached real features instead of real updates.
+    ``compute`` returns ``is``, ``is_std`` and, with real features, ``fid``, ``kid``, ``kid_std``
+    and (with a CLIP) ``fd_clip``.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, inception: InceptionFeatures | None, clip: ClipImageFeatures | None = None, kid_subsets: int = 100,
+                 kid_subset_size: int = 1000, is_splits: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        if inception is None and clip is None:
+            raise ValueError("GenerationMetrics needs Inception weights (FID / KID / IS) or a CLIP (FD-CLIP)")
+        self.inception, self.clip = inception, clip
+        self.kid_subsets, self.kid_subset_size, self.is_splits = kid_subsets, kid_subset_size, is_splits
+        for side in ("fake", "real"):
+            for name in ("index", "pool", "logits", "clip"):
+                self.add_state(f"{side}_{name}", default=[], dist_reduce_fx="cat")
+        self._reference: dict[str, Tensor] | None = None
+        #: the real features of all ranks, after ``compute`` (to store as a reference)
+        self.gathered_real: dict[str, Tensor] | None = None
+
+    def update(self, images: Tensor, index: Tensor, real: bool = False) -> None:
+        side = "real" if real else "fake"
+        getattr(self, f"{side}_index").append(index.to(self.device).long())
+        if self.inception is not None:
+            pool, logits = self.inception(images.to(self.device))
+            getattr(self, f"{side}_pool").append(pool)
+            getattr(self, f"{side}_logits").append(logits)
+        if self.clip is not None:
+            getattr(self, f"{side}_clip").append(self.clip(images).to(self.device))
+
+    def set_reference(self, reference: dict[str, Tensor]) -> None:
+        """Real features computed earlier (``pool`` (N, 2048) and optionally ``clip`` (N, D))."""
+        self._reference = reference
+
+    def _side(self, side: str) -> dict[str, Tensor]:
+        if side == "real" and self._reference is not None:
+            return {k: v.double() for k, v in self._reference.items()}
+        index = _cat(getattr(self, f"{side}_index"))
+        if index is None or len(index) == 0:
+            return {}
+        order = torch.argsort(index)
+        states = {name: _cat(getattr(self, f"{side}_{name}")) for name in ("pool", "logits", "clip")}
+        return {name: value[order] for name, value in states.items() if value is not None and len(value)}
+
+    def compute(self) -> dict[str, float]:
+        fake, real = self._side("fake"), self._side("real")
+        if real and self._reference is None:  # gathered from every rank: what a reference cache stores
+            self.gathered_real = {k: v.float().cpu() for k, v in real.items() if k != "logits"}
+        if not fake:
+            raise ValueError("no generated images were added")
+        out: dict[str, float] = {}
+        if "logits" in fake:
+            out["is"], out["is_std"] = inception_score(fake["logits"], self.is_splits)
+        if "pool" in real and "pool" in fake:
+            out["fid"] = frechet_distance(real["pool"], fake["pool"])
+            out["kid"], out["kid_std"] = kernel_inception_distance(real["pool"], fake["pool"], self.kid_subsets,
+                                                                   self.kid_subset_size)
+        if "clip" in real and "clip" in fake:
+            out["fd_clip"] = frechet_distance(real["clip"], fake["clip"])
+        return out
+

@@ -1,0 +1,158 @@
+"""Evaluating a text-to-image model: generate for validation captions, then FID / KID / IS,
+CLIP score, FD-CLIP and compositional accuracy, exactly over any number of ranks.
+
+The caption set is the first ``n`` samples of a validation shard pattern (in shard order,
+with their metadata and real images, read through the data module's exact validation path).
+Rank ``r`` of ``w`` generates the contiguous block of captions ``[r n / w, (r + 1) n / w)``,
+image ``i`` from the noise of seed ``seed + i`` (see :class:`~ldm.pipelines.TextToImage`), so
+the images, and the metrics gathered from all ranks, are those of a single process.
+Real-image features come from the reference cache (:mod:`ldm.metrics.reference`) when present.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldm.data.datamodule import ShardDataModule
+from ldm.data.urls import expand_urls
+from ldm.metrics.clip_score import CLIPScore
+from ldm.metrics.compositional import CompositionalAccuracy, Verdict
+from ldm.metrics.generation import ClipImageFeatures, GenerationMetrics, InceptionFeatures
+from ldm.metrics.reference import load_reference, reference_key, save_reference
+from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    captions: list[str]
+    metas: list[dict[str, Any]]
+    images: Tensor  # (N, 3, H, W) real images in [-1, 1]
+    urls: list[str]
+    image_size: int
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_eval_set(pattern: str, n: int, image_size: int) -> EvalSet:
+    """The first ``n`` samples of a shard pattern (exact validation order) with captions, metadata, images."""
+    dm = ShardDataModule(val=pattern, image_size=image_size, batch_size=min(64, n), num_workers=0)
+    captions, metas, images = [], [], []
+    for batch in dm.val_dataloader():
+        valid = batch["valid"]
+        captions += [t for t, v in zip(batch["text"], valid.tolist(), strict=True) if v]
+        metas += [m for m, v in zip(batch["meta"], valid.tolist(), strict=True) if v]
+        images.append(batch["image"][valid])
+        if len(captions) >= n:
+            break
+    if not captions:
+        raise ValueError(f"no captioned images in {pattern!r}")
+    if len(captions) < n:
+        log.warning("only %d samples in %s (asked for %d): evaluating on %d", len(captions), pattern, n, len(captions))
+    n = min(n, len(captions))
+    return EvalSet(captions[:n], metas[:n], torch.cat(images)[:n], expand_urls(pattern), image_size)
+
+
+def rank_block(n: int, rank: int, world: int) -> range:
+    return range(rank * n // world, (rank + 1) * n // world)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    indices: range  # the global indices this rank generated
+    images: Tensor  # (len(indices), 3, H, W) in [-1, 1]
+    clip_scores: list[float] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+
+
+class GenerationEvaluator:
+    """Args:
+        inception_weights: local Inception file, or ``download`` (torch-fidelity fetches it; needs internet);
+            None = FID / KID / IS off (FD-CLIP, CLIP score and compositional accuracy still run).
+        clip: an :class:`~ldm.contrastive.OpenCLIP` scorer for CLIP score and FD-CLIP (None = off).
+        clip_id: where the scorer came from (a run folder or file), for the reference cache key.
+        compositional: check shapes scenes with :class:`~ldm.metrics.compositional.CompositionalAccuracy`.
+        batch_size: images per generation / feature batch.
+        cache: use the reference feature cache.
+    """
+
+    def __init__(self, inception_weights: str | None = None, clip=None, clip_id: str | None = None,
+                 compositional: bool = True, batch_size: int = 32, cache: bool = True, device: str | torch.device = "cpu"):
+        self.inception = InceptionFeatures(inception_weights).to(device) if inception_weights else None
+        if self.inception is None:
+            log.warning("FID / KID / IS are off: no Inception weights given (a local file, or 'download' when online)")
+        self.weights = inception_weights
+        self.clip, self.clip_id = clip, clip_id
+        self.metrics = GenerationMetrics(self.inception, ClipImageFeatures(clip) if clip is not None else None)
+        self.clip_score = CLIPScore(clip) if clip is not None else None
+        self.compositional = CompositionalAccuracy() if compositional else None
+        self.batch_size, self.cache, self.device = batch_size, cache, device
+        self._reference_key: str | None = None
+
+    def _reference(self, evalset: EvalSet, rank: int, world: int, progress: bool) -> str | None:
+        """Install cached real features, or add this rank's real images (the key to save them under)."""
+        key = reference_key(evalset.urls, evalset.image_size, len(evalset), self.weights, self.clip_id)
+        if key == self._reference_key:
+            return None  # installed by an earlier evaluation of this evaluator
+        cached = load_reference(key) if self.cache else None
+        if cached is not None:
+            self.metrics.set_reference(cached)
+            self._reference_key = key
+            return None
+        block = rank_block(len(evalset), rank, world)
+        for lo in _progress(range(block.start, block.stop, self.batch_size), progress, "real features"):
+            hi = min(lo + self.batch_size, block.stop)
+            self.metrics.update(evalset.images[lo:hi].to(self.device), torch.arange(lo, hi), real=True)
+        return key
+
+    @torch.no_grad()
+    def evaluate(self, pipe: TextToImage, evalset: EvalSet, settings: SamplerSettings, *, rank: int = 0,
+                 world: int = 1, progress: bool = True) -> EvalResult:
+        self.metrics.reset()
+        for m in (self.clip_score, self.compositional):
+            if m is not None:
+                m.reset()
+        new_key = self._reference(evalset, rank, world, progress)
+        block = rank_block(len(evalset), rank, world)
+        images, scores, verdicts = [], [], []
+        checkable = all("objects" in m for m in evalset.metas)
+        for lo in _progress(range(block.start, block.stop, self.batch_size), progress,
+                            f"generating {len(block)} images"):
+            hi = min(lo + self.batch_size, block.stop)
+            captions = evalset.captions[lo:hi]
+            x = pipe(captions, settings, image_size=evalset.image_size, progress=False, index_offset=lo)
+            self.metrics.update(x.to(self.device), torch.arange(lo, hi))
+            if self.clip_score is not None:
+                scores += self.clip_score.update(x, captions).tolist()
+            if self.compositional is not None and checkable:
+                verdicts += self.compositional.update(x, evalset.metas[lo:hi])
+            images.append(x.cpu())
+        metrics = self.metrics.compute()
+        if new_key is not None:
+            if rank == 0 and self.cache and self.metrics.gathered_real:
+                save_reference(new_key, self.metrics.gathered_real)
+            self.metrics.set_reference(self.metrics.gathered_real)
+            self._reference_key = new_key
+        if self.clip_score is not None:
+            metrics["clip_score"] = float(self.clip_score.compute())
+        if self.compositional is not None and checkable:
+            metrics.update({f"compositional/{k}": float(v) for k, v in self.compositional.compute().items()})
+        metrics["n"] = len(evalset)
+        empty = torch.empty(0, 3, evalset.image_size, evalset.image_size)
+        return EvalResult(metrics, block, torch.cat(images) if images else empty, scores, verdicts)
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="batch")
