@@ -34,6 +34,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "shards": ("ldm.tools.shards", "write WebDataset shards (synthetic scenes, image folders) and preview them"),
     "precompute": ("ldm.tools.precompute", "encode shards with a trained stage (autoencoder latents, CLIP embeddings)"),
     "sample": ("ldm.tools.sample", "sample images for prompts from a trained latent-diffusion run"),
+    "eval": ("ldm.tools.evaluate", "FID / KID / IS, CLIP score, FD-CLIP, compositional accuracy of a latent-diffusion run"),
+    "runs": ("ldm.tools.runs", "compare runs: final and best metrics, differing config keys, metric plots"),
 }
 
 

@@ -8,4 +8,5 @@ from ldm.autoencoder.model import Autoencoder
 from ldm.autoencoder.networks import Decoder, Encoder
 
 __all__ = ["Autoencoder", "AutoencoderFirstStage", "AutoencoderLoss", "Decoder", "DiagonalGaussian", "Encoder",
-           "FirstStage", "IdentityFirstStage", "PatchDiscriminator", "VectorQuantizer", "adaptive_weight", "hinge_d_loss", "vanilla_d_loss"]
+           "FirstStage", "IdentityFirstStage", "PatchDiscriminator", "VectorQuantizer", "adaptive_weight", "hinge_d_loss",
+           "vanilla_d_loss"]

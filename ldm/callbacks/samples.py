@@ -10,6 +10,8 @@ under ``samples``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as L
@@ -28,6 +30,18 @@ def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.Light
         if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
             return cb._average_model.module
     return pl_module
+
+
+@contextmanager
+def averaged_for_inference(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[L.LightningModule]:
+    """:func:`averaged_module` in eval mode for the block, then back to the mode it was in."""
+    module = averaged_module(trainer, pl_module)
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class SampleLogger(L.Callback):
@@ -68,13 +82,8 @@ class SampleLogger(L.Callback):
         if not trainer.is_global_zero or trainer.global_step == self._last_step or self.image_size is None:
             return None
         self._last_step = trainer.global_step
-        module = averaged_module(trainer, pl_module)
-        was_training = module.training
-        module.eval()
-        try:
+        with averaged_for_inference(trainer, pl_module) as module:
             images = TextToImage(module)(self.prompts, self.settings, image_size=self.image_size, progress=False)
-        finally:
-            module.train(was_training)
         grid = caption_grid(list(zip(to_pil(images), self.prompts)), cell=self.cell)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)

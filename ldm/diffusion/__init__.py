@@ -5,10 +5,26 @@ Pure torch, shared by the unCLIP prior and the U-Net; general over tensor shapes
 
 from ldm.diffusion.conditioning import ConditionDropout, drop_condition, null_condition
 from ldm.diffusion.denoiser import Cond, Denoiser, Step, StepCallback, append_dims
-from ldm.diffusion.guidance import classifier_free_guidance, gradient_guidance, rescale_guided_eps
+from ldm.diffusion.guidance import (
+    classifier_free_guidance,
+    gradient_guidance,
+    rescale_guided_eps,
+)
 from ldm.diffusion.loss import DenoisingLoss, offset_noise_like
-from ldm.diffusion.loss_weighting import EDMWeighting, LossWeighting, MinSNRWeighting, NoWeighting
-from ldm.diffusion.precond import EDMPrecond, EpsPrecond, Preconditioner, VPPrecond, VPrecond, X0Precond
+from ldm.diffusion.loss_weighting import (
+    EDMWeighting,
+    LossWeighting,
+    MinSNRWeighting,
+    NoWeighting,
+)
+from ldm.diffusion.precond import (
+    EDMPrecond,
+    EpsPrecond,
+    Preconditioner,
+    VPPrecond,
+    VPrecond,
+    X0Precond,
+)
 from ldm.diffusion.samplers import (
     SAMPLERS,
     invert_ddim,
@@ -21,14 +37,20 @@ from ldm.diffusion.samplers import (
     sample_heun,
 )
 from ldm.diffusion.schedules import DiscreteSchedule, karras_sigmas
+from ldm.diffusion.sigma_sampling import (
+    LogitNormalSigmas,
+    LogNormalSigmas,
+    SigmaSampler,
+    UniformTimesteps,
+)
 from ldm.diffusion.unet import UNet
-from ldm.diffusion.sigma_sampling import LogitNormalSigmas, LogNormalSigmas, SigmaSampler, UniformTimesteps
 
 __all__ = [
     "SAMPLERS", "Cond", "ConditionDropout", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
-    "NoWeighting", "Preconditioner", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps", "VPPrecond",
-    "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition", "gradient_guidance", "invert_ddim",
-    "karras_sigmas", "null_condition", "offset_noise_like", "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
-    "sample_euler", "sample_euler_ancestral", "sample_heun",
+    "NoWeighting", "Preconditioner", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps",
+    "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition",
+    "gradient_guidance", "invert_ddim", "karras_sigmas", "null_condition", "offset_noise_like",
+    "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler",
+    "sample_euler_ancestral", "sample_heun",
 ]

@@ -24,14 +24,20 @@ class CLIPScore(Metric):
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     @torch.no_grad()
-    def update(self, images: Tensor, captions: list[str]) -> Tensor:
-        """Images (B, 3, H, W) in [-1, 1] and their B captions; returns the B per-image scores."""
+    def scores(self, images: Tensor, captions: list[str]) -> Tensor:
+        """Per-image scores (B,) of images (B, 3, H, W) in [-1, 1] and their captions (not accumulated)."""
         img = self.scorer.encode_image(images.to(self.scorer.logit_scale.device))
         txt = self.scorer.embed_texts(list(captions))
-        scores = 100 * (img * txt).sum(dim=1).clamp(min=0)  # (B,)
+        return 100 * (img * txt).sum(dim=1).clamp(min=0)  # (B,)
+
+    @torch.no_grad()
+    def update(self, images: Tensor | None = None, captions: list[str] | None = None, *,
+               scores: Tensor | None = None) -> None:
+        """Images (B, 3, H, W) in [-1, 1] and their B captions, or per-image ``scores`` from :meth:`scores`."""
+        if scores is None:
+            scores = self.scores(images, captions)
         self.total += scores.sum().double().to(self.total.device)
         self.count += len(scores)
-        return scores
 
     def compute(self) -> Tensor:
         return (self.total / self.count.clamp(min=1)).float()

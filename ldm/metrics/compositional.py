@@ -190,10 +190,16 @@ class CompositionalAccuracy(Metric):
         for name in ("images", "count", "objects", "color", "shape", "binding", "relations", "relation", "all_correct"):
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: Tensor, metas: Sequence[Mapping[str, Any]]) -> list[Verdict]:
-        """Images (B, 3, H, W) in [-1, 1] and their scene metadata; returns the verdicts."""
+    def verdicts(self, images: Tensor, metas: Sequence[Mapping[str, Any]]) -> list[Verdict]:
+        """The checker's verdicts for images (B, 3, H, W) in [-1, 1] and their scene metadata (not accumulated)."""
         arrays = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        verdicts = [self.checker.check(a, m) for a, m in zip(arrays, metas, strict=True)]
+        return [self.checker.check(a, m) for a, m in zip(arrays, metas, strict=True)]
+
+    def update(self, images: Tensor | None = None, metas: Sequence[Mapping[str, Any]] | None = None, *,
+               verdicts: list[Verdict] | None = None) -> None:
+        """Images and their metadata, or ``verdicts`` from :meth:`verdicts`."""
+        if verdicts is None:
+            verdicts = self.verdicts(images, metas)
         for v in verdicts:
             self.images += 1
             self.count += int(v.count)
@@ -204,7 +210,6 @@ class CompositionalAccuracy(Metric):
             self.relations += len(v.relation)
             self.relation += sum(v.relation)
             self.all_correct += int(v.all_correct)
-        return verdicts
 
     def compute(self) -> dict[str, Tensor]:
         def rate(num, den):

@@ -131,9 +131,13 @@ class GenerationEvaluator:
             x = pipe(captions, settings, image_size=evalset.image_size, progress=False, index_offset=lo)
             self.metrics.update(x.to(self.device), torch.arange(lo, hi))
             if self.clip_score is not None:
-                scores += self.clip_score.update(x, captions).tolist()
+                per_image = self.clip_score.scores(x, captions)
+                self.clip_score.update(scores=per_image)
+                scores += per_image.tolist()
             if self.compositional is not None and checkable:
-                verdicts += self.compositional.update(x, evalset.metas[lo:hi])
+                checked = self.compositional.verdicts(x, evalset.metas[lo:hi])
+                self.compositional.update(verdicts=checked)
+                verdicts += checked
             images.append(x.cpu())
         metrics = self.metrics.compute()
         if new_key is not None:

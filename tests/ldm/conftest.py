@@ -10,6 +10,7 @@ from ldm.cli import LDMCLI
 from tests.conftest import REPO
 
 DEBUG = [str(REPO / "configs/trainer/debug.yaml")]
+LDM_DEBUG = str(REPO / "configs/ldm/debug.yaml")
 
 
 def fit(args: list[str]) -> LDMCLI:
@@ -35,3 +36,15 @@ def stage_args(stage_runs: dict[str, Path]) -> list[str]:
     """Overrides pointing an LDM config's first stage and text encoder at the test's stage runs."""
     return [f"--model.init_args.first_stage.init_args.checkpoint={stage_runs['ae']}",
             f"--model.init_args.text_encoder.init_args.checkpoint={stage_runs['clip']}"]
+
+
+@pytest.fixture(scope="session")
+def ldm_run(shapes_dir, stage_runs, tmp_path_factory):
+    """The debug LDM trained for 56 steps (8 epochs of 7 batches), validated after every epoch, with EMA."""
+    root = tmp_path_factory.mktemp("ldm")
+    cli = fit(["-c", *DEBUG, "-c", LDM_DEBUG, *stage_args(stage_runs), f"--data.train={shapes_dir}/train-*.tar",
+               f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0", "--data.batch_size=16",
+               "--trainer.max_steps=56", "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0",
+               "--trainer.limit_val_batches=2", f"--run.root={root}", "--run.version=v"])
+    cli.trainer.save_checkpoint(f"{cli.run_dir}/checkpoints/last.ckpt")
+    return cli

@@ -14,28 +14,14 @@ from ldm.data import ShardDataModule
 from ldm.data.precompute import precompute_embeddings, precompute_latents
 from ldm.pipelines import SamplerSettings, TextToImage
 from ldm.systems import LatentDiffusion
-from tests.conftest import REPO, run_ldm
-from tests.ldm.conftest import DEBUG, fit, stage_args
-
-LDM_DEBUG = str(REPO / "configs/ldm/debug.yaml")
+from tests.conftest import run_ldm
+from tests.ldm.conftest import DEBUG, LDM_DEBUG, stage_args
 
 
 def _system(shapes_dir, stage_runs, *extra: str) -> LatentDiffusion:
     cli = LDMCLI(args=["-c", *DEBUG, "-c", LDM_DEBUG, *stage_args(stage_runs), f"--data.train={shapes_dir}/train-*.tar",
                        *extra], run=False)
     return cli.model
-
-
-@pytest.fixture(scope="module")
-def ldm_run(shapes_dir, stage_runs, tmp_path_factory):
-    """The debug LDM trained for 56 steps (8 epochs of 7 batches), validated after every epoch, with EMA."""
-    root = tmp_path_factory.mktemp("ldm")
-    cli = fit(["-c", *DEBUG, "-c", LDM_DEBUG, *stage_args(stage_runs), f"--data.train={shapes_dir}/train-*.tar",
-               f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0", "--data.batch_size=16",
-               "--trainer.max_steps=56", "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0",
-               "--trainer.limit_val_batches=2", f"--run.root={root}", "--run.version=v"])
-    cli.trainer.save_checkpoint(f"{cli.run_dir}/checkpoints/last.ckpt")
-    return cli
 
 
 def _column(path, name):

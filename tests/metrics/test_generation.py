@@ -16,8 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ldm.data.shapes import render, sample_scene
-from ldm.metrics.generation import (ClipImageFeatures, GenerationMetrics, InceptionFeatures, frechet_distance,
-                                    kernel_inception_distance)
+from ldm.metrics.generation import (
+    ClipImageFeatures,
+    GenerationMetrics,
+    InceptionFeatures,
+    frechet_distance,
+    kernel_inception_distance,
+)
 
 N = 10
 SETTINGS = dict(kid_subsets=10, kid_subset_size=N, is_splits=2)

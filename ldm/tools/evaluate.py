@@ -1,0 +1,192 @@
+"""``ldm eval``: FID / KID / IS, CLIP score, FD-CLIP and compositional accuracy of a latent-diffusion run.
+
+    ldm eval --ckpt RUN_OR_CKPT [--data PATTERN] [--n 1000] [--sampler dpmpp_2m] [--steps 20] [--cfg 3]
+             [--cfg-sweep 1,2,3,5,7] [--inception FILE|download] [--clip RUN_OR_CKPT] [--out DIR]
+
+Generates one image per validation caption (the first ``--n`` samples of ``--data``, default the
+run's ``data.val``), with a fixed seed, and writes into ``--out``: ``report.json`` (every number
+and setting), ``report.md`` and ``report.html`` (tables, the sample grid, the sweep plot),
+``samples.png`` (the first images with caption, CLIP score and compositional verdict) and, for
+``--cfg-sweep``, ``cfg_sweep.png`` (FID, or FD-CLIP without Inception weights, against CLIP score).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ldm.diffusion.samplers import SAMPLERS
+
+OFFICIAL_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ldm eval", description="Evaluate a latent-diffusion run on validation captions.")
+    p.add_argument("--ckpt", required=True, help="latent-diffusion run folder or a .ckpt in one")
+    p.add_argument("--data", help="validation shard pattern (default: the run's data.val)")
+    p.add_argument("--n", type=int, default=1000, help="number of captions / generated images")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
+    p.add_argument("--cfg-sweep", help="comma-separated guidance scales to evaluate instead of --cfg, e.g. 1,2,3,5,7")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, help="image size (default: the run's data.image_size)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--inception", default=os.environ.get("LDM_INCEPTION_WEIGHTS"),
+                   help="torch-fidelity Inception weights file, or 'download' when online "
+                        "(default: $LDM_INCEPTION_WEIGHTS; without it FID / KID / IS are skipped)")
+    p.add_argument("--clip", help="contrastive run (or .ckpt) scoring CLIP score / FD-CLIP "
+                                  "(default: the CLIP of the model's own text encoder)")
+    p.add_argument("--no-clip", action="store_true", help="no CLIP score / FD-CLIP")
+    p.add_argument("--no-cache", action="store_true", help="recompute the real-image reference features")
+    p.add_argument("--out", help="output folder (default: <run folder>/eval)")
+    p.add_argument("--grid", type=int, default=16, help="images in samples.png")
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _scorer(args, system):
+    """(OpenCLIP scorer, where it came from, a note for the report)."""
+    if args.no_clip:
+        return None, None, "off"
+    from ldm.contrastive import OpenCLIP
+    from ldm.systems import load_system
+
+    if args.clip:
+        model = getattr(load_system(args.clip), "model", None)
+        if not isinstance(model, OpenCLIP):
+            raise TypeError(f"--clip {args.clip} is not a contrastive run")
+        return model, args.clip, f"the contrastive run {args.clip}"
+    encoder = system.text_encoder
+    if encoder is None:
+        return None, None, "off (the model has no text encoder; pass --clip)"
+    return encoder.model, None, ("the model's own text encoder CLIP: it conditions the model, so the score favours "
+                                 "it; not comparable with published CLIP scores")
+
+
+def _weights_note(weights: str | None) -> str:
+    if not weights:
+        return "none: FID / KID / IS skipped"
+    if weights == "download":
+        return "torch-fidelity's released weights (downloaded)"
+    if Path(weights).name != OFFICIAL_INCEPTION:
+        return (f"{weights} (not torch-fidelity's released file name {OFFICIAL_INCEPTION}: FID / KID / IS are only "
+                "comparable with published numbers if these are those weights)")
+    return weights
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import torch
+
+        from ldm.pipelines import SamplerSettings, TextToImage
+        from ldm.pipelines.evaluate import GenerationEvaluator, load_eval_set
+        from ldm.systems.loading import find_checkpoint, run_config, run_image_size
+
+        cfgs = [float(c) for c in args.cfg_sweep.split(",")] if args.cfg_sweep else [args.cfg]
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = TextToImage.from_checkpoint(args.ckpt, device=device, batch_size=args.batch_size)
+        size = args.size or run_image_size(args.ckpt)
+        data = args.data or ((run_config(args.ckpt).get("data") or {}).get("init_args") or {}).get("val")
+        if not size or not data:
+            raise ValueError("cannot tell the image size / validation data from the run's config: pass --size / --data")
+        scorer, clip_id, scorer_note = _scorer(args, pipe.system)
+        evaluator = GenerationEvaluator(args.inception, scorer, clip_id, batch_size=args.batch_size,
+                                        cache=not args.no_cache, device=device)
+        evalset = load_eval_set(str(data), args.n, size)
+        results = []
+        for cfg in cfgs:
+            settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=cfg, seed=args.seed)
+            result = evaluator.evaluate(pipe, evalset, settings, progress=not args.quiet)
+            results.append((settings, result))
+            if not args.quiet:
+                print(f"cfg {cfg:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), flush=True)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"ldm eval: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else find_checkpoint(args.ckpt).parent.parent / "eval"
+    write_report(out, args, str(find_checkpoint(args.ckpt)), str(data), evalset, results, scorer_note,
+                 _weights_note(args.inception))
+    print(f"wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'}")
+    return 0
+
+
+def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, scorer_note: str, weights_note: str):
+    from ldm.data.preview import caption_grid
+    from ldm.data.transforms import to_pil
+
+    out.mkdir(parents=True, exist_ok=True)
+    main_settings, main = results[len(results) // 2] if len(results) > 1 else results[0]
+    k = min(args.grid, len(main.images))
+    labels = []
+    for i in range(k):
+        label = evalset.captions[i]
+        if main.clip_scores:
+            label += f" | CLIP {main.clip_scores[i]:.1f}"
+        if main.verdicts:
+            label += f" | {main.verdicts[i].summary()}"
+        labels.append(label)
+    caption_grid(list(zip(to_pil(main.images[:k]), labels, strict=True)), cell=128, caption_lines=5).save(out / "samples.png")
+    record = {"checkpoint": checkpoint, "data": data, "n": len(evalset), "image_size": evalset.image_size,
+              "inception_weights": weights_note, "clip_scorer": scorer_note, "grid_cfg": main_settings.cfg,
+              "results": [{"settings": s.to_dict(), "metrics": r.metrics} for s, r in results]}
+    (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
+    sweep = len(results) > 1
+    if sweep:
+        _plot_sweep(out / "cfg_sweep.png", results)
+    keys = sorted({key for _, r in results for key in r.metrics if key != "n"})
+    rows = [[f"{s.cfg:g}"] + [f"{r.metrics[key]:.4g}" if key in r.metrics else "" for key in keys] for s, r in results]
+    s = main_settings
+    intro = (f"Checkpoint `{checkpoint}`, {len(evalset)} captions of `{data}` at {evalset.image_size} px; "
+             f"{s.sampler}, {s.steps} steps, seed {s.seed}. Inception weights: {weights_note}. "
+             f"CLIP scorer: {scorer_note}.")
+    md = ["# Evaluation", "", intro, "", "| cfg | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    md += ["", "![samples](samples.png)", "", f"First {k} images at cfg {s.cfg:g} (caption | CLIP score | "
+           "compositional verdict)."]
+    if sweep:
+        md += ["", "![cfg sweep](cfg_sweep.png)"]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    table = "<table><tr><th>cfg</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    page = (f"<html><head><meta charset='utf-8'><title>ldm eval</title></head><body><h1>Evaluation</h1>"
+            f"<p>{html.escape(intro)}</p>{table}<h2>Samples</h2><img src='samples.png'>"
+            + ("<h2>Guidance sweep</h2><img src='cfg_sweep.png'>" if sweep else "") + "</body></html>")
+    (out / "report.html").write_text(page)
+
+
+def _plot_sweep(path: Path, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    distance = "fid" if "fid" in results[0][1].metrics else "fd_clip"
+    points = [(r.metrics.get("clip_score"), r.metrics.get(distance), s.cfg) for s, r in results]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    if all(p[0] is not None and p[1] is not None for p in points):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+        for x, y, cfg in points:
+            ax.annotate(f"cfg {cfg:g}", (x, y), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("CLIP score")
+    else:
+        ax.plot([p[2] for p in points], [p[1] for p in points], marker="o")
+        ax.set_xlabel("guidance scale")
+    ax.set_ylabel(distance.upper().replace("_", "-"))
+    ax.set_title(f"{distance.upper().replace('_', '-')} vs CLIP score over guidance scales")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
