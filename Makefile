@@ -33,6 +33,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/bench/data_loader.py
+	$(PY) experiments/bench/unet.py
+	$(PY) experiments/bench/metrics.py
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -15,6 +15,8 @@ through the training DataModule, trains the debug KL autoencoder on them with th
     ldm/                  the debug latent-diffusion run folder (stage 4), trained on those latents
     ldm_curves.png        its training loss and fixed-noise validation loss over steps
     ldm_samples.png       a grid sampled with ``ldm sample`` for shapes prompts (+ ldm_samples/, ldm_samples.json)
+    eval/                 ``ldm eval`` of that run on validation captions: report.md / .html / .json, samples.png,
+                          cfg_sweep.png (FD-CLIP, CLIP score and compositional accuracy; FID needs Inception weights)
     metrics.json          counts, loader throughput, PSNR / SSIM, retrieval, diffusion losses
     report.md             what was made, with the figures above
 
@@ -119,6 +121,17 @@ def train_clip(out: Path, train_pattern: str, val_pattern: str, steps: int) -> d
 LDM_PROMPTS = ["a red circle", "a large blue square", "a green triangle", "a yellow star to the left of a purple cross"]
 
 
+def eval_table(report: dict) -> str:
+    """The report's metrics per guidance scale as a Markdown table (after the opening sentence)."""
+    keys = ["fd_clip", "clip_score", "compositional/count", "compositional/color", "compositional/shape",
+            "compositional/relation", "compositional/all_correct", "fid"]
+    keys = [k for k in keys if k in report["results"][0]["metrics"]]
+    lines = ["images at 64 px):", "", "| cfg | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r in report["results"]:
+        lines.append(f"| {r['settings']['cfg']:g} | " + " | ".join(f"{r['metrics'][k]:.4g}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def ldm_command() -> str:
     return str(Path(sys.executable).with_name("ldm"))
 
@@ -176,6 +189,17 @@ def sample_ldm(out: Path, run: str) -> Path:
     return grid
 
 
+def evaluate_ldm(out: Path, run: str, val_pattern: str, n: int) -> dict:
+    """`ldm eval` with a small guidance sweep; FID / KID / IS only where Inception weights are configured.
+
+    The run trained on latent shards, so the real images to compare with are the image shards (--data)."""
+    cmd = [ldm_command(), "eval", "--ckpt", run, "--data", val_pattern, "--n", str(n), "--steps", "20",
+           "--cfg-sweep", "1,3", "--out", str(out / "eval"), "--quiet"]
+    print("  $ " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "eval" / "report.json").read_text())
+
+
 def plot_curves(run: Path, path: Path) -> None:
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     series = {k: [(int(r["step"]), float(r[k])) for r in rows if r.get(k)] for k in ("train/rec", "val/psnr", "val/ssim")}
@@ -218,9 +242,10 @@ def main() -> None:
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ae-steps", type=int, default=600, help="autoencoder training steps (about 0.2 s each on CPU)")
+    p.add_argument("--ae-steps", type=int, default=450, help="autoencoder training steps (about 0.3 s each on CPU)")
     p.add_argument("--clip-steps", type=int, default=310, help="CLIP training steps (5 epochs of 62; about 0.1 s each)")
-    p.add_argument("--ldm-steps", type=int, default=500, help="latent-diffusion training steps (about 0.25 s each)")
+    p.add_argument("--ldm-steps", type=int, default=400, help="latent-diffusion training steps (about 0.35 s each)")
+    p.add_argument("--eval-n", type=int, default=100, help="validation captions generated for ldm eval")
     args = p.parse_args()
     out = Path(args.out)
     shards = out / "shards"
@@ -233,20 +258,20 @@ def main() -> None:
         print(f"{message}  [{time.time() - t0:.0f} s]", flush=True)
 
 
-    phase(f"[1/10] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
+    phase(f"[1/11] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
           f"(ldm shards synthetic --kind shapes --out {shards} --train {args.train} --val {args.val} --size {args.size})")
     stats = write_synthetic_shards(shards, train=args.train, val=args.val, size=args.size, seed=args.seed,
                                    shard_size=1000, overwrite=True)
     train_pattern, val_pattern = stats["splits"]["train"]["pattern"], stats["splits"]["val"]["pattern"]
 
-    phase(f"[2/10] preview grid of validation samples -> {out / 'preview.png'}")
+    phase(f"[2/11] preview grid of validation samples -> {out / 'preview.png'}")
     write_preview(val_pattern, out / "preview.png", n=16)
 
-    phase(f"[3/10] attribute frequencies -> {out / 'attributes.png'}")
+    phase(f"[3/11] attribute frequencies -> {out / 'attributes.png'}")
     counts = attribute_counts(train_pattern)
     plot_attributes(counts, out / "attributes.png")
 
-    print("[4/10] one training epoch and one validation pass through ShardDataModule (2 workers)")
+    phase("[4/11] one training epoch and one validation pass through ShardDataModule (2 workers)")
     dm = ShardDataModule(train=train_pattern, val=val_pattern, image_size=args.size, batch_size=64, num_workers=2)
     start = time.perf_counter()
     n_train = sum(len(b["key"]) for b in dm.train_dataloader())
@@ -255,19 +280,21 @@ def main() -> None:
     n_val = sum(int(b["valid"].sum()) for b in dm.val_dataloader())
     val_s = time.perf_counter() - start
 
-    phase(f"[5/10] training the debug KL autoencoder for {args.ae_steps} steps -> {out / 'autoencoder'}")
+    phase(f"[5/11] training the debug KL autoencoder for {args.ae_steps} steps -> {out / 'autoencoder'}")
     run = train_autoencoder(out, train_pattern, val_pattern, args.size, args.ae_steps)
     plot_curves(run, out / "autoencoder_curves.png")
-    phase(f"[6/10] reconstructing the validation split -> {out / 'reconstructions.png'}")
+    phase(f"[6/11] reconstructing the validation split -> {out / 'reconstructions.png'}")
     ae_metrics = evaluate_autoencoder(run, val_pattern, args.size, out)
-    phase(f"[7/10] training the debug CLIP for {args.clip_steps} steps -> {out / 'clip'}")
+    phase(f"[7/11] training the debug CLIP for {args.clip_steps} steps -> {out / 'clip'}")
     clip_metrics = train_clip(out, train_pattern, val_pattern, args.clip_steps)
-    phase(f"[8/10] encoding the shards with the autoencoder -> {out / 'latents'}")
+    phase(f"[8/11] encoding the shards with the autoencoder -> {out / 'latents'}")
     latents = precompute_latents(out, run, shards)
-    phase(f"[9/10] training the debug latent diffusion for {args.ldm_steps} steps -> {out / 'ldm'}")
+    phase(f"[9/11] training the debug latent diffusion for {args.ldm_steps} steps -> {out / 'ldm'}")
     ldm_metrics = train_ldm(out, latents, run, Path(clip_metrics["run"]), args.size, args.ldm_steps)
-    phase(f"[10/10] sampling {len(LDM_PROMPTS)} prompts x 4 with ldm sample -> {out / 'ldm_samples.png'}")
+    phase(f"[10/11] sampling {len(LDM_PROMPTS)} prompts x 4 with ldm sample -> {out / 'ldm_samples.png'}")
     sample_ldm(out, ldm_metrics["run"])
+    phase(f"[11/11] evaluating the latent diffusion on {args.eval_n} validation captions -> {out / 'eval'}")
+    evaluation = evaluate_ldm(out, ldm_metrics["run"], val_pattern, args.eval_n)
 
     metrics = {
         "train_samples": stats["splits"]["train"]["samples"],
@@ -284,6 +311,7 @@ def main() -> None:
         "autoencoder": {"run": str(run), "steps": args.ae_steps, **ae_metrics},
         "clip": clip_metrics,
         "ldm": ldm_metrics,
+        "ldm_eval": evaluation,
         "seconds": round(time.time() - t0, 1),
         "step_started_at_s": timeline,
     }
@@ -356,6 +384,18 @@ scene background whose colour mostly follows the prompt; shapes, counts and rela
 run of `configs/ldm/shapes-kl-f4.yaml`.
 
 ![ldm samples](ldm_samples.png)
+
+## Evaluation
+
+`ldm eval --ckpt {ldm_metrics['run']} --data '{val_pattern}' --n {args.eval_n} --steps 20 --cfg-sweep 1,3` on the first
+{args.eval_n} validation captions ({eval_table(evaluation)}
+
+CLIP scorer: {evaluation['clip_scorer']}. Inception weights: {evaluation['inception_weights']}
+(this machine cannot download them; `--inception FILE` or `LDM_INCEPTION_WEIGHTS` turns FID / KID / IS on).
+The compositional rates come from the deterministic checker of `ldm/metrics/compositional.py`
+(1.0 on the renderer's own 64 px images). Full report: `eval/report.md`.
+
+![eval samples](eval/samples.png)
 """
     (out / "report.md").write_text(report)
     print(f"done in {metrics['seconds']} s: {out / 'report.md'}, {out / 'preview.png'}, {out / 'attributes.png'}, "

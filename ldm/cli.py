@@ -21,13 +21,23 @@ from typing import Any
 
 import yaml
 from pytorch_lightning import Trainer
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 from pytorch_lightning.loggers import WandbLogger
 
 from ldm.callbacks import DataSkipMonitor
 from ldm.config_errors import summarize
 from ldm.data.urls import ShardPattern
-from ldm.runs import VERSION_ENV, RunSettings, build_loggers, resolve_version, snake_case
+from ldm.runs import (
+    VERSION_ENV,
+    RunSettings,
+    build_loggers,
+    resolve_version,
+    snake_case,
+)
 
 #: tool subcommand -> (module with ``main(argv)``, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {

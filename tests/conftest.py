@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ldm.data.synthetic import write_synthetic_shards
 
@@ -51,22 +50,8 @@ def run_ldm(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> sub
 
 @pytest.fixture(scope="session")
 def inception_file(tmp_path_factory):
-    """torch-fidelity's Inception-v3 feature extractor with random weights, saved like the real file.
+    """torch-fidelity's Inception-v3 feature extractor with random weights, saved like the real file (the real
+    one cannot be downloaded here): loaded through the real path, its FIDs are not meaningful."""
+    from ldm.metrics.generation import write_random_inception_weights
 
-    The module is built with its weight loading stubbed out (the real file cannot be
-    downloaded here); the system then loads this file through the real rFID path. FID values
-    computed with it are not meaningful.
-    """
-    from unittest import mock
-
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    folder = tmp_path_factory.mktemp("inception")
-    stub = folder / "empty.pth"
-    torch.save({}, stub)
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
-        torch.manual_seed(0)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(stub))
-    path = folder / "inception-random.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception-random.pth")

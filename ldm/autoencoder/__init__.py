@@ -2,8 +2,17 @@
 
 from ldm.autoencoder.bottlenecks import DiagonalGaussian, VectorQuantizer
 from ldm.autoencoder.discriminator import PatchDiscriminator
-from ldm.autoencoder.first_stage import AutoencoderFirstStage, FirstStage, IdentityFirstStage
-from ldm.autoencoder.losses import AutoencoderLoss, adaptive_weight, hinge_d_loss, vanilla_d_loss
+from ldm.autoencoder.first_stage import (
+           AutoencoderFirstStage,
+           FirstStage,
+           IdentityFirstStage,
+)
+from ldm.autoencoder.losses import (
+           AutoencoderLoss,
+           adaptive_weight,
+           hinge_d_loss,
+           vanilla_d_loss,
+)
 from ldm.autoencoder.model import Autoencoder
 from ldm.autoencoder.networks import Decoder, Encoder
 

@@ -39,7 +39,9 @@ class AutoencoderFirstStage(FirstStage):
 
     def __init__(self, checkpoint: str):
         super().__init__()
-        from ldm.systems.loading import load_autoencoder  # systems import Lightning; keep this module pure
+        from ldm.systems.loading import (
+            load_autoencoder,  # systems import Lightning; keep this module pure
+        )
 
         self.checkpoint = checkpoint
         self.autoencoder = load_autoencoder(checkpoint)

@@ -25,6 +25,7 @@ from ldm.diffusion.precond import (
     VPrecond,
     X0Precond,
 )
+from ldm.diffusion.prior import PriorTransformer
 from ldm.diffusion.samplers import (
     SAMPLERS,
     invert_ddim,
@@ -48,7 +49,7 @@ from ldm.diffusion.unet import UNet
 __all__ = [
     "SAMPLERS", "Cond", "ConditionDropout", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
-    "NoWeighting", "Preconditioner", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps",
+    "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps",
     "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition",
     "gradient_guidance", "invert_ddim", "karras_sigmas", "null_condition", "offset_noise_like",
     "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler",

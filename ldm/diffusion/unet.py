@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.nn import Downsample, ResBlock, SpatialTransformer, TimestepEmbedding, Upsample, group_norm
+from ldm.nn import (
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    TimestepEmbedding,
+    Upsample,
+    group_norm,
+)
 
 
 class UNetBlock(nn.ModuleList):

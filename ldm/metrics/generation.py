@@ -35,12 +35,34 @@ from ldm.data.transforms import to_uint8
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 
+def write_random_inception_weights(path: str | os.PathLike) -> str:
+    """Save torch-fidelity's Inception-v3 with random weights, in the released file's format, to ``path``.
+
+    For tests and benchmarks on machines that cannot download the real weights: it exercises the real
+    loading and feature path, and FIDs computed with it are not meaningful (label them so).
+    """
+    from unittest import mock
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    stub = f"{path}.empty"
+    torch.save({}, stub)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
+        torch.manual_seed(0)
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=stub)
+    os.remove(stub)
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
 class InceptionFeatures(nn.Module):
     """Images (B, 3, H, W) in [-1, 1] -> (pool features (B, 2048), unbiased logits (B, 1008)), float64."""
 
     def __init__(self, weights: str | None = "download"):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
 
         if weights == "download":
             weights = None
@@ -84,7 +106,11 @@ class ClipImageFeatures(nn.Module):
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D) (torch-fidelity's formula)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_fid import (
+        KEY_METRIC_FID,
+        fid_features_to_statistics,
+        fid_statistics_to_metric,
+    )
 
     stats = [fid_features_to_statistics(x.double().cpu()) for x in (a, b)]
     return fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID]
@@ -92,7 +118,11 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 def kernel_inception_distance(a: Tensor, b: Tensor, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
     """(mean, std) of the polynomial-kernel MMD^2 over random subsets (Bińkowski et al. 2018)."""
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    from torch_fidelity.metric_kid import (
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        kid_features_to_metric,
+    )
 
     size = min(subset_size, len(a), len(b))
     out = kid_features_to_metric(a.double().cpu(), b.double().cpu(), kid_subsets=subsets, kid_subset_size=size,
@@ -102,7 +132,11 @@ def kernel_inception_distance(a: Tensor, b: Tensor, subsets: int = 100, subset_s
 
 def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
     """(mean, std) over splits of exp(E KL(p(y|x) || p(y))) (Salimans et al. 2016)."""
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+    from torch_fidelity.metric_isc import (
+        KEY_METRIC_ISC_MEAN,
+        KEY_METRIC_ISC_STD,
+        isc_features_to_metric,
+    )
 
     out = isc_features_to_metric(logits.double().cpu(), splits=min(splits, len(logits)), shuffle=True, rng_seed=2020)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]

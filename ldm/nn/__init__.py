@@ -3,7 +3,12 @@
 from ldm.nn.attention import SpatialSelfAttention
 from ldm.nn.blocks import Downsample, ResBlock, Upsample, group_norm
 from ldm.nn.embeddings import TimestepEmbedding, timestep_embedding
-from ldm.nn.transformer import Attention, FeedForward, SpatialTransformer, TransformerBlock
+from ldm.nn.transformer import (
+    Attention,
+    FeedForward,
+    SpatialTransformer,
+    TransformerBlock,
+)
 
 __all__ = [
     "Attention", "Downsample", "FeedForward", "ResBlock", "SpatialSelfAttention", "SpatialTransformer",

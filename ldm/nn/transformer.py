@@ -10,7 +10,7 @@ input projection and a zero-initialised output projection, so a fresh block is t
 Attention runs through ``scaled_dot_product_attention`` (flash / memory-efficient kernels
 where available). A context mask (B, T), True on real tokens, hides padding from the
 queries; a row with no real token (a dropped condition) attends to all positions
-instead of producing NaN.
+instead of producing NaN. A (B, N, T) mask restricts each query separately (causal masks).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ class Attention(nn.Module):
         attn_mask = None
         if mask is not None:
             mask = mask.bool() | ~mask.bool().any(dim=-1, keepdim=True)  # all-padding rows see everything
-            attn_mask = mask[:, None, None, :]  # (B, 1, 1, T)
+            # (B, T): which keys every query may see; (B, N, T): per query (causal masks)
+            attn_mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]  # (B, 1, 1 or N, T)
         if self.probe is not None:
             scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, heads, N, T)
             if attn_mask is not None:
@@ -91,8 +92,10 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, N, dim)
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                self_mask: Tensor | None = None) -> Tensor:
+        """``mask`` (B, T) hides context tokens; ``self_mask`` (B, N, N) or (B, N) restricts self-attention."""
+        x = x + self.attn1(self.norm1(x), mask=self_mask)  # (B, N, dim)
         if self.attn2 is not None:
             if context is None:
                 raise ValueError("this block cross-attends to a context: pass context (B, T, context_dim)")

@@ -15,18 +15,26 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ldm.data import shapes
 from ldm.data.datamodule import ShardDataModule
 from ldm.data.urls import expand_urls
 from ldm.metrics.clip_score import CLIPScore
 from ldm.metrics.compositional import CompositionalAccuracy, Verdict
-from ldm.metrics.generation import ClipImageFeatures, GenerationMetrics, InceptionFeatures
+from ldm.metrics.generation import (
+    ClipImageFeatures,
+    GenerationMetrics,
+    InceptionFeatures,
+)
 from ldm.metrics.reference import load_reference, reference_key, save_reference
 from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
 
 log = logging.getLogger(__name__)
+
+BINDING_PHRASES = {"left_of": "to the left of", "right_of": "to the right of", "above": "on top of", "below": "under"}
 
 
 @dataclass
@@ -58,6 +66,38 @@ def load_eval_set(pattern: str, n: int, image_size: int) -> EvalSet:
         log.warning("only %d samples in %s (asked for %d): evaluating on %d", len(captions), pattern, n, len(captions))
     n = min(n, len(captions))
     return EvalSet(captions[:n], metas[:n], torch.cat(images)[:n], expand_urls(pattern), image_size)
+
+
+def binding_eval_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
+    """Attribute-binding scenes (Ramesh et al. 2022, sec. 7: "a red cube on top of a blue cube"): two objects
+    of the same shape and size in different colours, one beside or above the other; real images rendered."""
+    rng = np.random.default_rng(seed)
+    captions, metas, images, i = [], [], [], 0
+    while len(captions) < n:
+        base = shapes.sample_scene(seed, i, image_size, "binding")
+        i += 1
+        if len(base.objects) != 2:
+            continue
+        a, b = base.objects
+        side = a.bbox[2] - a.bbox[0]
+        colors = [str(c) for c in rng.choice(list(shapes.COLORS), size=2, replace=False)]
+        objects = [shapes.SceneObject(a.shape, colors[k], a.size, box, shapes.COLORS[colors[k]])
+                   for k, box in enumerate([a.bbox, (b.bbox[0], b.bbox[1], b.bbox[0] + side, b.bbox[1] + side)])]
+        relation = base.relations[0].relation
+        if not shapes.relation_holds(objects[0], relation, objects[1]) or max(objects[1].bbox) > image_size:
+            continue
+        caption = f"{_article(colors[0])} {a.shape} {BINDING_PHRASES[relation]} {_article(colors[1])} {a.shape}"
+        scene = shapes.Scene(image_size=image_size, objects=objects, relations=[shapes.Relation(0, relation, 1)],
+                             caption=caption, meta={"seed": seed, "split": "binding", "index": i - 1})
+        captions.append(caption)
+        metas.append(scene.to_json())
+        array = np.asarray(shapes.render(scene))
+        images.append(torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1)
+    return EvalSet(captions, metas, torch.stack(images), [f"binding:seed={seed}"], image_size)
+
+
+def _article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def rank_block(n: int, rank: int, world: int) -> range:

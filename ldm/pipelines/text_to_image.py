@@ -20,7 +20,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ldm.diffusion import SAMPLERS, classifier_free_guidance, karras_sigmas, null_condition, progress_bar
+from ldm.diffusion import (
+    SAMPLERS,
+    classifier_free_guidance,
+    karras_sigmas,
+    null_condition,
+    progress_bar,
+)
 from ldm.diffusion.precond import Preconditioner, VPPrecond
 from ldm.diffusion.schedules import append_zero
 

@@ -33,23 +33,13 @@ from ldm.autoencoder.first_stage import FirstStage, IdentityFirstStage
 from ldm.contrastive.text_encoder import FrozenTextEncoder
 from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner, drop_condition
 from ldm.diffusion.precond import VPPrecond
+from ldm.systems.optim import Shared, warmup_scheduler
 
 log = logging.getLogger(__name__)
 # the frozen first stage and text encoder are in eval mode on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 VectorCond = Literal["text", "clip_text", "clip_image"]
-
-
-class _Shared:
-    """A value that deep copies of the module share: the EMA callback deep-copies the whole system,
-    and the optimizer callable jsonargparse builds holds references that cannot be copied."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def _adamw(params):
@@ -73,6 +63,11 @@ class LatentDiffusion(L.LightningModule):
         val_timesteps: fixed DDPM timesteps of the validation loss (VP preconditioners).
         val_sigmas: fixed noise levels of the validation loss (any preconditioner; wins over timesteps).
         val_seed: seed of the fixed validation noise.
+        text_context: cross-attend to text tokens (False: the context is only the embedding tokens, e.g. a
+            decoder trained on CLIP image embeddings without captions).
+        embedding_tokens: project the ``y`` embedding (``clip_image`` / ``clip_text``) into this many extra
+            context tokens (the unCLIP decoder uses 4); needs ``embedding_dim``.
+        embedding_dim: width of that embedding.
     """
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage | None = None,
@@ -80,7 +75,8 @@ class LatentDiffusion(L.LightningModule):
                  loss: DenoisingLoss | None = None, cond_drop: float = 0.1, vector_cond: VectorCond | None = None,
                  sample_posterior: bool = False, optimizer: OptimizerCallable = _adamw, warmup_steps: int = 0,
                  val_timesteps: Sequence[int] = (100, 300, 500, 700, 900), val_sigmas: Sequence[float] | None = None,
-                 val_seed: int = 0):
+                 val_seed: int = 0, text_context: bool = True, embedding_tokens: int = 0,
+                 embedding_dim: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "precond", "loss"])
         if not 0.0 <= cond_drop <= 1.0:
@@ -91,8 +87,19 @@ class LatentDiffusion(L.LightningModule):
         self.precond = precond if precond is not None else EpsPrecond()
         self.loss = loss if loss is not None else DenoisingLoss()
         self.cond_drop, self.vector_cond, self.sample_posterior = cond_drop, vector_cond, sample_posterior
-        self.optimizer_fn, self.warmup_steps = _Shared(optimizer), warmup_steps
+        self.optimizer_fn, self.warmup_steps = Shared(optimizer), warmup_steps
         self.val_seed = val_seed
+        self.text_context = text_context
+        context_dim = getattr(unet, "context_dim", None)
+        if embedding_tokens:
+            if vector_cond not in ("clip_image", "clip_text") or embedding_dim is None or context_dim is None:
+                raise ValueError("embedding_tokens need vector_cond clip_image or clip_text, embedding_dim, and a U-Net "
+                                 "with cross-attention (context_dim)")
+            # unCLIP's decoder: the CLIP embedding also becomes a few context tokens (Ramesh et al. 2022, sec. 2.1)
+            self.embedding_proj: nn.Linear | None = nn.Linear(embedding_dim, embedding_tokens * context_dim)
+        else:
+            self.embedding_proj = None
+        self.embedding_tokens = embedding_tokens
         self.val_levels = self._val_levels(val_timesteps, val_sigmas)  # (names, sigmas)
         self._check_shapes()
 
@@ -125,7 +132,7 @@ class LatentDiffusion(L.LightningModule):
 
     @property
     def uses_text(self) -> bool:
-        return getattr(self.unet, "context_dim", None) is not None or self.vector_cond == "text"
+        return (getattr(self.unet, "context_dim", None) is not None and self.text_context) or self.vector_cond == "text"
 
     # -- inputs ------------------------------------------------------------------------------
     def latents(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
@@ -154,7 +161,7 @@ class LatentDiffusion(L.LightningModule):
         """The U-Net's condition for a batch: context + mask (cross-attention), y (vector route)."""
         cond: dict[str, Tensor] = {}
         text = self.text_features(batch) if self.uses_text else None
-        if getattr(self.unet, "context_dim", None) is not None:
+        if getattr(self.unet, "context_dim", None) is not None and self.text_context:
             cond["context"], cond["context_mask"] = text["tokens"], text["mask"]
         if self.vector_cond == "text":
             if text["pooled"] is None:
@@ -165,6 +172,14 @@ class LatentDiffusion(L.LightningModule):
                 raise ValueError(f"vector_cond {self.vector_cond!r}: the batch has no {self.vector_cond} "
                                  "(precompute embeddings into the shards)")
             cond["y"] = batch[self.vector_cond]
+        if self.embedding_proj is not None:
+            y = cond["y"]
+            tokens = self.embedding_proj(y.to(self.embedding_proj.weight.dtype)).reshape(len(y), self.embedding_tokens, -1)
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            if "context" in cond:  # appended to the text tokens
+                tokens = torch.cat([cond["context"].to(tokens.dtype), tokens], dim=1)
+                mask = torch.cat([cond["context_mask"].bool(), mask], dim=1)
+            cond["context"], cond["context_mask"] = tokens, mask
         return cond
 
     def denoiser(self):
@@ -192,12 +207,7 @@ class LatentDiffusion(L.LightningModule):
 
     def configure_optimizers(self):
         opt = self.optimizer_fn.value([p for p in self.parameters() if p.requires_grad])
-
-        def warmup(step: int) -> float:
-            return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": warmup_scheduler(opt, self.warmup_steps)}
 
     # -- validation: loss at fixed noise levels with fixed noise ------------------------------
     @torch.no_grad()

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="latent-diffusion run folder or a .ckpt in one")
     p.add_argument("--data", help="validation shard pattern (default: the run's data.val)")
     p.add_argument("--n", type=int, default=1000, help="number of captions / generated images")
+    p.add_argument("--prompt-set", choices=["val", "binding"], default="val",
+                   help="val: the validation captions of --data; binding: rendered two-object attribute-binding scenes "
+                        "('a red square on top of a blue square'), real images rendered at the run's size")
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
@@ -89,20 +92,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from ldm.pipelines import SamplerSettings, TextToImage
-        from ldm.pipelines.evaluate import GenerationEvaluator, load_eval_set
+        from ldm.pipelines.evaluate import (
+            GenerationEvaluator,
+            binding_eval_set,
+            load_eval_set,
+        )
         from ldm.systems.loading import find_checkpoint, run_config, run_image_size
 
         cfgs = [float(c) for c in args.cfg_sweep.split(",")] if args.cfg_sweep else [args.cfg]
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = TextToImage.from_checkpoint(args.ckpt, device=device, batch_size=args.batch_size)
         size = args.size or run_image_size(args.ckpt)
-        data = args.data or ((run_config(args.ckpt).get("data") or {}).get("init_args") or {}).get("val")
-        if not size or not data:
+        data_cfg = (run_config(args.ckpt).get("data") or {}).get("init_args") or {}
+        if args.prompt_set == "val" and not args.data and data_cfg.get("decode_images") is False:
+            raise ValueError("the run trained on precomputed latents (data.decode_images: false), which hold no "
+                             "images to compare with: pass --data with the validation image shards")
+        data = args.data or data_cfg.get("val")
+        if not size or (args.prompt_set == "val" and not data):
             raise ValueError("cannot tell the image size / validation data from the run's config: pass --size / --data")
         scorer, clip_id, scorer_note = _scorer(args, pipe.system)
         evaluator = GenerationEvaluator(args.inception, scorer, clip_id, batch_size=args.batch_size,
                                         cache=not args.no_cache, device=device)
-        evalset = load_eval_set(str(data), args.n, size)
+        if args.prompt_set == "binding":
+            evalset, data = binding_eval_set(args.n, size, args.seed), "binding scenes"
+        else:
+            evalset = load_eval_set(str(data), args.n, size)
         results = []
         for cfg in cfgs:
             settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=cfg, seed=args.seed)
@@ -135,7 +149,7 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
         if main.verdicts:
             label += f" | {main.verdicts[i].summary()}"
         labels.append(label)
-    caption_grid(list(zip(to_pil(main.images[:k]), labels, strict=True)), cell=128, caption_lines=5).save(out / "samples.png")
+    caption_grid(list(zip(to_pil(main.images[:k]), labels, strict=True)), cell=128, caption_lines=7).save(out / "samples.png")
     record = {"checkpoint": checkpoint, "data": data, "n": len(evalset), "image_size": evalset.image_size,
               "inception_weights": weights_note, "clip_scorer": scorer_note, "grid_cfg": main_settings.cfg,
               "results": [{"settings": s.to_dict(), "metrics": r.metrics} for s, r in results]}

@@ -1,6 +1,11 @@
 import pytest
 
-from ldm.data.urls import ShardPattern, count_tar_samples, expand_urls, shard_sample_counts
+from ldm.data.urls import (
+    ShardPattern,
+    count_tar_samples,
+    expand_urls,
+    shard_sample_counts,
+)
 
 
 def test_brace_glob_and_list_expansion(tmp_path):

@@ -86,3 +86,16 @@ def test_attribute_binding_is_checked_per_object():
     rebound = replace(scene, objects=[replace(a, color=b.color, rgb=b.rgb), replace(b, color=a.color, rgb=a.rgb)])
     verdict = CHECKER.check(_image(rebound), scene.to_json())
     assert verdict.count and not all(verdict.binding) and not verdict.all_correct
+
+
+def test_the_binding_prompt_set_is_judged_correct_on_its_renders():
+    from ldm.pipelines.evaluate import binding_eval_set
+
+    evalset = binding_eval_set(60, 64, seed=3)
+    assert len(evalset) == 60 and evalset.images.shape == (60, 3, 64, 64)
+    assert all(m["objects"][0]["shape"] == m["objects"][1]["shape"] for m in evalset.metas)
+    assert all(m["objects"][0]["color"] != m["objects"][1]["color"] for m in evalset.metas)
+    assert any(" on top of " in c for c in evalset.captions) and not any(" a orange" in c for c in evalset.captions)
+    metric = CompositionalAccuracy()
+    metric.update(evalset.images, evalset.metas)
+    assert float(metric.compute()["all_correct"]) == 1.0

@@ -1,0 +1,193 @@
+"""The diffusion-prior system: trains a :class:`~ldm.diffusion.prior.PriorTransformer` on precomputed
+CLIP embeddings (``ldm precompute embeddings``), and samples image embeddings for texts.
+
+* Data: ``clip_image`` (B, D) is the target, scaled by sqrt(D) so its entries have about unit
+  variance (unit-norm CLIP embeddings have entries of size 1 / sqrt(D)); ``clip_text`` (B, D),
+  and when the prior reads tokens, ``clip_tokens`` (B, T, W) + ``clip_mask`` (B, T).
+* Classifier-free guidance training: the whole text condition is dropped with probability
+  ``cond_drop`` (10 % in DALL-E 2).
+* Parameterisation, noise levels and weighting come from the preconditioner and the loss of the
+  diffusion core (default: x0 prediction on a cosine schedule, as DALL-E 2).
+* Sampling (:meth:`sample`): any sampler of the core with guidance; best-of-n draws n embeddings
+  per text and keeps the one with the highest dot product with the text embedding (DALL-E 2,
+  sec. 2.2).
+* Validation: the loss at fixed noise levels with fixed noise, and on embeddings sampled for the
+  validation texts: cosine similarity with the true image embedding (``val/cos_prior``) against
+  the "no prior" baseline that uses the text embedding itself (``val/cos_text``), and the
+  retrieval R@1 of the true image among all validation images from the predicted embedding
+  (``val/r1_prior``, ``val/r1_text``), gathered exactly over ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytorch_lightning as L
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from ldm.diffusion import (
+    SAMPLERS,
+    DenoisingLoss,
+    DiscreteSchedule,
+    Preconditioner,
+    X0Precond,
+    classifier_free_guidance,
+    drop_condition,
+    null_condition,
+)
+from ldm.diffusion.precond import VPPrecond
+from ldm.pipelines.text_to_image import sampling_sigmas
+from ldm.systems.optim import Shared, warmup_scheduler
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1.1e-4, weight_decay=6.0e-2)  # DALL-E 2's prior (table 3)
+
+
+class DiffusionPrior(L.LightningModule):
+    """Args:
+        prior: the transformer, called ``prior(x, t, text_emb=, text_tokens=, text_mask=)``.
+        precond: parameterisation (default: x0 prediction, cosine schedule).
+        loss: noise-level sampling and weighting (default: uniform timesteps, MSE on the target).
+        cond_drop: probability of dropping the text condition per sample.
+        use_tokens: feed the per-token text features (needs ``clip_tokens`` in the shards).
+        optimizer, warmup_steps: AdamW (DALL-E 2: lr 1.1e-4, weight decay 6e-2) with linear warmup.
+        sampler, steps, cfg, best_of: sampling settings of validation and :meth:`sample`.
+        val_timesteps: fixed timesteps of the validation loss.
+        val_seed: seed of the fixed validation noise and of validation sampling.
+    """
+
+    def __init__(self, prior: nn.Module, precond: Preconditioner | None = None, loss: DenoisingLoss | None = None,
+                 cond_drop: float = 0.1, use_tokens: bool = True, optimizer: OptimizerCallable = _adamw,
+                 warmup_steps: int = 0, sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, best_of: int = 1,
+                 val_timesteps: Sequence[int] = (100, 300, 500, 700, 900), val_seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["prior", "precond", "loss"])
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if best_of < 1:
+            raise ValueError(f"best_of must be >= 1, got {best_of}")
+        self.prior = prior
+        self.precond = precond if precond is not None else X0Precond(DiscreteSchedule("cosine"))
+        self.loss = loss if loss is not None else DenoisingLoss()
+        self.cond_drop, self.use_tokens = cond_drop, use_tokens
+        self.optimizer_fn, self.warmup_steps = Shared(optimizer), warmup_steps
+        self.sampler, self.steps, self.cfg, self.best_of = sampler, steps, cfg, best_of
+        self.val_timesteps, self.val_seed = list(val_timesteps), val_seed
+        if not isinstance(self.precond, VPPrecond):
+            raise ValueError("the prior's validation loss uses DDPM timesteps: use a discrete VP preconditioner")
+        self.scale = math.sqrt(getattr(prior, "embed_dim", 1))
+        self._val: dict[str, list[Tensor]] = {}
+
+    # -- inputs ------------------------------------------------------------------------------
+    def condition(self, batch: dict) -> dict[str, Tensor]:
+        missing = [k for k in ("clip_text", "clip_image") if k not in batch]
+        if self.use_tokens:
+            missing += [k for k in ("clip_tokens", "clip_mask") if k not in batch]
+        if missing:
+            raise ValueError(f"the prior trains on precomputed CLIP embeddings; the batch lacks {', '.join(missing)} "
+                             "(run `ldm precompute embeddings` and set data.decode_images: false)")
+        cond = {"text_emb": batch["clip_text"].float()}
+        if self.use_tokens:
+            cond["text_tokens"], cond["text_mask"] = batch["clip_tokens"].float(), batch["clip_mask"].bool()
+        return cond
+
+    def target(self, batch: dict) -> Tensor:
+        return batch["clip_image"].float() * self.scale  # (B, D), entries of about unit variance
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0, cond = self.target(batch), self.condition(batch)
+        if self.cond_drop > 0:
+            drop = torch.rand(len(x0), device=x0.device) < self.cond_drop
+            cond = drop_condition(cond, drop)
+        loss = self.loss(self.precond, self.prior, x0, cond).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
+        return loss
+
+    def configure_optimizers(self):
+        opt = self.optimizer_fn.value([p for p in self.parameters() if p.requires_grad])
+        return {"optimizer": opt, "lr_scheduler": warmup_scheduler(opt, self.warmup_steps)}
+
+    # -- sampling ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, cond: dict[str, Tensor], *, seed: int = 0, best_of: int | None = None, cfg: float | None = None,
+               steps: int | None = None, sampler: str | None = None) -> Tensor:
+        """Normalised image embeddings (B, D) for a text condition (``condition`` of a batch).
+
+        Candidate k of every text starts from the noise of seed ``seed + k``; best-of-n keeps the
+        candidate with the highest dot product with the text embedding, so it never scores below
+        the single draw of the same seed.
+        """
+        best_of = best_of or self.best_of
+        cfg = self.cfg if cfg is None else cfg
+        text = cond["text_emb"]
+        b, d = text.shape
+        sigmas = sampling_sigmas(self.precond, steps or self.steps).to(text.device)
+        model_fn = self.precond.bind(self.prior)
+        if cfg != 1.0:
+            model_fn = classifier_free_guidance(model_fn, scale=cfg, uncond=null_condition(cond))
+        candidates = []
+        for k in range(best_of):
+            gen = torch.Generator().manual_seed(seed + k)
+            x = torch.randn(b, d, generator=gen).to(text.device) * self.precond.initial_noise_scale(sigmas[0]).to(text)
+            z = SAMPLERS[sampler or self.sampler](model_fn, x, sigmas, cond=cond,
+                                                  generator=torch.Generator(text.device).manual_seed(seed + k))
+            candidates.append(F.normalize(z / self.scale, dim=-1))
+        stack = torch.stack(candidates, dim=1)  # (B, n, D)
+        scores = (stack * F.normalize(text, dim=-1)[:, None]).sum(-1)  # (B, n)
+        return stack[torch.arange(b, device=text.device), scores.argmax(dim=1)]  # (B, D)
+
+    # -- validation --------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val = {"pred": [], "text": [], "image": []}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x0, cond = self.target(batch), self.condition(batch)
+        valid = batch.get("valid", torch.ones(len(x0), dtype=torch.bool, device=x0.device))
+        n = int(valid.sum())
+        gen = torch.Generator(x0.device).manual_seed(self.val_seed * 1_000_003 + batch_idx * 4099 + self.global_rank)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        sigmas = self.precond.schedule.t_to_sigma(torch.tensor(self.val_timesteps, dtype=torch.float64)).tolist()
+        levels = []
+        for t, sigma in zip(self.val_timesteps, sigmas, strict=True):
+            s = torch.full((len(x0),), sigma, device=x0.device, dtype=x0.dtype)
+            value = self.loss(self.precond, self.prior, x0, cond, sigma=s, noise=noise)[valid].mean()
+            levels.append(value)
+            self.log(f"val/loss_t{t}", value, batch_size=max(n, 1), sync_dist=True)
+        self.log("val/loss", torch.stack(levels).mean(), batch_size=max(n, 1), sync_dist=True, prog_bar=True)
+        pred = self.sample(cond, seed=self.val_seed + batch_idx * 7919)
+        self._val["pred"].append(pred[valid])
+        self._val["text"].append(F.normalize(cond["text_emb"][valid], dim=-1))
+        self._val["image"].append(F.normalize(batch["clip_image"].float()[valid], dim=-1))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val.get("pred"):
+            return
+        local = {k: torch.cat(v) for k, v in self._val.items()}
+        gathered = {k: self._gather(v) for k, v in local.items()}
+        image = gathered["image"]
+        for name in ("pred", "text"):
+            guess = gathered[name]
+            cos = (guess * image).sum(-1).mean()
+            r1 = ((guess @ image.t()).argmax(dim=1) == torch.arange(len(image), device=image.device)).float().mean()
+            label = "prior" if name == "pred" else "text"
+            self.log(f"val/cos_{label}", cos, sync_dist=False, rank_zero_only=False)
+            self.log(f"val/r1_{label}", r1, sync_dist=False, rank_zero_only=False)
+        self._val = {}
+
+    def _gather(self, x: Tensor) -> Tensor:
+        """All ranks' rows (every rank holds the same number: the data module pads ranks equally,
+        and padding rows were already removed, so sizes are exchanged first)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return x
+        sizes = self.all_gather(torch.tensor(len(x), device=x.device))
+        width = int(sizes.max())
+        padded = torch.cat([x, x.new_zeros(width - len(x), *x.shape[1:])]) if len(x) < width else x
+        rows = self.all_gather(padded)  # (world, width, D)
+        return torch.cat([rows[r, : int(sizes[r])] for r in range(len(sizes))])
