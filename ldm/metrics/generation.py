@@ -51,6 +51,13 @@ def write_random_inception_weights(path: str | os.PathLike) -> str:
         torch.manual_seed(0)
         model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=stub)
     os.remove(stub)
+    # PyTorch's default init shrinks activations through Inception's ~90 ReLU layers to ~1e-7 (and to slow
+    # denormals), which makes every image's features equal; He init keeps their scale, so distances are informative
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features**-0.5)
     torch.save(model.state_dict(), path)
     return str(path)
 
