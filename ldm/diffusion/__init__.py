@@ -8,6 +8,7 @@ from ldm.diffusion.denoiser import Cond, Denoiser, Step, StepCallback, append_di
 from ldm.diffusion.guidance import (
     classifier_free_guidance,
     gradient_guidance,
+    known_region_denoiser,
     rescale_guided_eps,
 )
 from ldm.diffusion.loss import DenoisingLoss, offset_noise_like
@@ -51,7 +52,7 @@ __all__ = [
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
     "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps",
     "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition",
-    "gradient_guidance", "invert_ddim", "karras_sigmas", "null_condition", "offset_noise_like",
+    "gradient_guidance", "invert_ddim", "known_region_denoiser", "karras_sigmas", "null_condition", "offset_noise_like",
     "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler",
     "sample_euler_ancestral", "sample_heun",
 ]

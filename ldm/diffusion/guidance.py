@@ -12,6 +12,9 @@
   eps' = eps - sqrt(1 - alpha_bar) * s * grad of the seed lecture, in x0 terms. The gradient is
   taken through the denoiser (``grad_x score(D(x))``) or, cheaper, at the prediction
   (``grad_{x0} score(x0)``, ``through_denoiser=False``).
+* :func:`known_region_denoiser` (inpainting): the prediction is replaced by the known clean
+  sample outside the mask at every step, so the sampler's last step to sigma = 0 returns the
+  known region exactly (the "replace x0" form of Lugmayr et al. 2022's known-region conditioning).
 """
 
 from __future__ import annotations
@@ -78,3 +81,12 @@ def gradient_guidance(model_fn: Denoiser, score_fn: Scorer, *, scale: float,
         return denoised.detach() + scale * append_dims(sigma, x.ndim) ** 2 * grad
 
     return guided
+
+
+def known_region_denoiser(model_fn: Denoiser, known: Tensor, mask: Tensor) -> Denoiser:
+    """Inpainting: keep ``known`` (B, ...) where ``mask`` is 0 and the model's prediction where it is 1."""
+
+    def inpaint(x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
+        return torch.lerp(known, model_fn(x, sigma, cond), mask)
+
+    return inpaint

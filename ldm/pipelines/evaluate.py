@@ -131,9 +131,9 @@ class GenerationEvaluator:
             log.warning("FID / KID / IS are off: no Inception weights given (a local file, or 'download' when online)")
         self.weights = inception_weights
         self.clip, self.clip_id = clip, clip_id
-        self.metrics = GenerationMetrics(self.inception, ClipImageFeatures(clip) if clip is not None else None)
-        self.clip_score = CLIPScore(clip) if clip is not None else None
-        self.compositional = CompositionalAccuracy() if compositional else None
+        self.metrics = GenerationMetrics(self.inception, ClipImageFeatures(clip) if clip is not None else None).to(device)
+        self.clip_score = CLIPScore(clip).to(device) if clip is not None else None
+        self.compositional = CompositionalAccuracy().to(device) if compositional else None
         self.batch_size, self.cache, self.device = batch_size, cache, device
         self._reference_key: str | None = None
 

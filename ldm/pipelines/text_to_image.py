@@ -59,6 +59,11 @@ class SamplerSettings:
         return asdict(self)
 
 
+def sampler_options(settings: SamplerSettings) -> dict:
+    """Keyword arguments of the chosen sampler that come from the settings (eta where it has one)."""
+    return {"eta": settings.eta} if "eta" in inspect.signature(SAMPLERS[settings.sampler]).parameters else {}
+
+
 def sampling_sigmas(precond: Preconditioner, steps: int, spacing: Spacing = "leading") -> Tensor:
     """Descending noise levels ending in 0 (length steps + 1) for a preconditioner."""
     if spacing != "karras" and isinstance(precond, VPPrecond):
@@ -75,9 +80,12 @@ def initial_noise(n: int, shape: Sequence[int], seed: int, offset: int = 0) -> T
 class TextToImage:
     """Sample images for prompts from a :class:`~ldm.systems.LatentDiffusion` (in eval mode, frozen)."""
 
-    def __init__(self, system, batch_size: int = 16):
+    def __init__(self, system, batch_size: int = 16, condition_fn=None):
+        """``condition_fn(prompts) -> cond`` replaces the text condition (the unCLIP pipelines pass CLIP
+        image embeddings through it)."""
         self.system = system
         self.batch_size = batch_size
+        self.condition_fn = condition_fn
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", **kwargs) -> TextToImage:
@@ -97,6 +105,8 @@ class TextToImage:
         return fs.latent_channels, side, side
 
     def condition(self, prompts: Sequence[str]) -> dict[str, Tensor] | None:
+        if self.condition_fn is not None:
+            return self.condition_fn(prompts)
         system = self.system
         if not system.uses_text:
             return None
@@ -117,7 +127,7 @@ class TextToImage:
         system = self.system
         shape = self.latent_shape(image_size)
         sampler = SAMPLERS[settings.sampler]
-        extra = {"eta": settings.eta} if "eta" in inspect.signature(sampler).parameters else {}
+        extra = sampler_options(settings)
         sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(system.device)
         out = []
         chunks = math.ceil(len(prompts) / self.batch_size)

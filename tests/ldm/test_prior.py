@@ -123,3 +123,64 @@ def test_unclip_decoder_configs_build_and_train_on_image_embeddings(config, deco
         losses.append(float(loss))
     assert losses[-1] < losses[0]
     assert system.embedding_proj.weight.grad is not None  # the projection is trained with the U-Net
+
+
+@pytest.fixture(scope="module")
+def unclip(embeddings, decoder_shards, stage_runs, prior_run, tmp_path_factory):
+    """The unCLIP chain: the prior above and the debug decoder trained 40 steps on the same CLIP's embeddings."""
+    from ldm.pipelines.unclip import UnCLIP
+
+    clip_run = embeddings.parent / "clip-debug" / "v"
+    decoder = fit(["-c", *DEBUG, "-c", str(REPO / "configs/unclip/debug.yaml"), f"--data.train={decoder_shards}/train-*.tar",
+                   f"--data.val={decoder_shards}/val-*.tar", "--data.num_workers=0", "--data.batch_size=16",
+                   "--data.image_size=32", f"--model.init_args.first_stage.init_args.checkpoint={stage_runs['ae']}",
+                   f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.max_steps=40",
+                   "--trainer.limit_val_batches=0", f"--run.root={tmp_path_factory.mktemp('decoder')}"]).model.eval()
+    return UnCLIP(decoder, prior_run.model.eval(), prior_steps=5)
+
+
+def _val_images(shapes_root, n=2):
+    from ldm.data import ShardDataModule as DM
+
+    dm = DM(val=f"{shapes_root}/val-*.tar", image_size=32, batch_size=n, num_workers=0)
+    return next(iter(dm.val_dataloader()))["image"]
+
+
+def test_unclip_text_to_image_through_the_prior_and_directly(unclip):
+    from ldm.pipelines import SamplerSettings
+
+    settings = SamplerSettings(sampler="ddim", steps=5, cfg=2.0, seed=0)
+    prompts = ["a red circle", "a large blue square"]
+    through_prior = unclip(prompts, settings, image_size=32)
+    assert through_prior.shape == (2, 3, 32, 32) and torch.equal(unclip(prompts, settings, image_size=32), through_prior)
+    prior = unclip.prior
+    unclip.prior = None  # the text embedding itself drives the decoder (seed 004)
+    try:
+        direct = unclip(prompts, settings, image_size=32)
+    finally:
+        unclip.prior = prior
+    assert direct.shape == through_prior.shape and not torch.allclose(direct, through_prior)
+
+
+def test_interpolation_ends_are_the_images_own_decodings(unclip, embeddings):
+    from ldm.pipelines import SamplerSettings
+
+    images = _val_images(embeddings.parent / "shapes")
+    settings = SamplerSettings(sampler="ddim", steps=5, cfg=1.0, seed=2)
+    strip = unclip.interpolate(images[:1], images[1:2], 4, settings, image_size=32)
+    assert strip.shape == (4, 3, 32, 32)
+    # each image's own embedding decoded alone with the same seed: the same decoder noise as every frame
+    own_a = unclip.decode(unclip.encode_images(images[:1]), settings, image_size=32)
+    own_b = unclip.decode(unclip.encode_images(images[1:2]), settings, image_size=32)
+    assert torch.allclose(strip[0], own_a[0], atol=1e-4) and torch.allclose(strip[-1], own_b[0], atol=1e-4)
+    # the path between the embeddings: unit norm, moving monotonically from a to b
+    from ldm.pipelines import slerp
+
+    a, b = unclip.encode_images(images[:1]), unclip.encode_images(images[1:2])
+    path = torch.cat([slerp(a, b, t) for t in (0.0, 0.25, 0.5, 0.75, 1.0)])
+    assert torch.allclose(path.norm(dim=-1), torch.ones(5), atol=1e-5)
+    to_b = (path * torch.nn.functional.normalize(b, dim=-1)).sum(-1)
+    assert (to_b[1:] > to_b[:-1]).all() and torch.allclose(path[-1], torch.nn.functional.normalize(b, dim=-1)[0], atol=1e-5)
+    variations = unclip.variations(images[:1], 3, SamplerSettings(sampler="ddim", steps=5, eta=1.0, seed=0),
+                                   image_size=32)
+    assert variations.shape == (3, 3, 32, 32) and not torch.allclose(variations[0], variations[1])

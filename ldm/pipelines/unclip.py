@@ -1,0 +1,117 @@
+"""unCLIP generation (Ramesh et al. 2022): text -> [diffusion prior] -> CLIP image embedding -> decoder -> image,
+and the embedding-space edits of the DALL-E 2 paper: variations and interpolations.
+
+The decoder is a :class:`~ldm.systems.LatentDiffusion` conditioned on ``clip_image`` (vector route plus
+embedding tokens, ``configs/unclip/``); the prior a :class:`~ldm.systems.DiffusionPrior`. Without a prior
+the text embedding itself drives the decoder (seed 004's experiment: a decoder trained on image
+embeddings only, driven by text embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
+
+
+def slerp(a: Tensor, b: Tensor, t: float) -> Tensor:
+    """Spherical interpolation between unit vectors (B, D) (Shoemake 1985)."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    omega = torch.arccos((a * b).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))  # (B, 1)
+    so = torch.sin(omega)
+    return torch.sin((1 - t) * omega) / so * a + torch.sin(t * omega) / so * b
+
+
+class UnCLIP:
+    """Args:
+        decoder: the CLIP-image-embedding decoder.
+        prior: the diffusion prior (None: the text embedding is used as the image embedding).
+        text_encoder: the CLIP whose embeddings both were trained on (default: the decoder's text encoder).
+        prior_best_of, prior_cfg, prior_steps: prior sampling settings (default: the prior's own).
+    """
+
+    def __init__(self, decoder, prior=None, text_encoder=None, batch_size: int = 16, prior_best_of: int | None = None,
+                 prior_cfg: float | None = None, prior_steps: int | None = None):
+        if getattr(decoder, "vector_cond", None) not in ("clip_image", "clip_text"):
+            raise ValueError("the decoder must be conditioned on a CLIP embedding (vector_cond: clip_image)")
+        self.decoder, self.prior = decoder, prior
+        self.text_encoder = text_encoder or decoder.text_encoder
+        if self.text_encoder is None:
+            raise ValueError("unCLIP needs the CLIP text encoder the embeddings came from: pass text_encoder")
+        self.batch_size = batch_size
+        self.prior_options = {"best_of": prior_best_of, "cfg": prior_cfg, "steps": prior_steps}
+        self.seed = 0
+
+    @property
+    def clip(self):
+        return self.text_encoder.model
+
+    # -- embeddings --------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_embeddings(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        return self.text_encoder.encode_prompts(list(prompts), device=self.decoder.device)
+
+    @torch.no_grad()
+    def image_embeddings_for(self, prompts: Sequence[str], seed: int = 0) -> Tensor:
+        """CLIP image embeddings (B, D) for prompts: sampled by the prior, or the text embeddings without one."""
+        text = self.text_embeddings(prompts)
+        if self.prior is None:
+            return text["pooled"]
+        cond = {"text_emb": text["pooled"]}
+        if getattr(self.prior, "use_tokens", False):
+            cond["text_tokens"], cond["text_mask"] = text["tokens"], text["mask"]
+        options = {k: v for k, v in self.prior_options.items() if v is not None}
+        return self.prior.sample(cond, seed=seed, **options)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """CLIP image embeddings (B, D) of images in [-1, 1]."""
+        return self.clip.encode_image(images.to(self.decoder.device))
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _decoder_condition(self, embeddings: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
+        batch = {self.decoder.vector_cond: embeddings.to(self.decoder.device)}
+        if self.decoder.uses_text:
+            batch["tokens"] = self.text_encoder.tokenizer(list(prompts)).to(self.decoder.device)
+        return self.decoder.condition(batch)
+
+    @torch.no_grad()
+    def decode(self, embeddings: Tensor, settings: SamplerSettings, *, image_size: int,
+               prompts: Sequence[str] | None = None, progress: bool = False) -> Tensor:
+        """Images (B, 3, H, W) for CLIP image embeddings (B, D); image i from the noise of seed + i."""
+        prompts = list(prompts) if prompts is not None else [""] * len(embeddings)
+        rows = iter(range(len(prompts)))  # TextToImage asks for the conditions of consecutive chunks in order
+
+        def condition(part: Sequence[str]) -> dict[str, Tensor]:
+            idx = [next(rows) for _ in part]
+            return self._decoder_condition(embeddings[idx], [prompts[i] for i in idx])
+
+        pipe = TextToImage(self.decoder, batch_size=self.batch_size, condition_fn=condition)
+        return pipe(prompts, settings, image_size=image_size, progress=progress)
+
+    def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
+                 progress: bool = False) -> Tensor:
+        """Text -> image through the prior (or the text embedding) and the decoder."""
+        embeddings = self.image_embeddings_for(prompts, seed=settings.seed)
+        return self.decode(embeddings, settings, image_size=image_size, prompts=prompts, progress=progress)
+
+    # -- embedding-space edits (DALL-E 2, sec. 3) -----------------------------------------------
+    def variations(self, image: Tensor, n: int, settings: SamplerSettings, *, image_size: int) -> Tensor:
+        """n variations of one image (1, 3, H, W): its CLIP embedding decoded with n seeds (use eta > 0 with DDIM)."""
+        emb = self.encode_images(image)[:1].expand(n, -1)
+        return self.decode(emb, settings, image_size=image_size)
+
+    def interpolate(self, image_a: Tensor, image_b: Tensor, frames: int, settings: SamplerSettings, *,
+                    image_size: int) -> Tensor:
+        """A strip of ``frames`` images along the slerp between two images' embeddings, one shared decoder noise."""
+        a, b = self.encode_images(image_a)[:1], self.encode_images(image_b)[:1]
+        ts = [i / (frames - 1) for i in range(frames)] if frames > 1 else [0.0]
+        embeddings = torch.cat([slerp(a, b, t) for t in ts])
+        out = []
+        for i in range(frames):  # each frame alone with the same seed: the same decoder noise for all
+            out.append(self.decode(embeddings[i: i + 1], settings, image_size=image_size))
+        return torch.cat(out)
