@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="samples/grid.png", help="grid PNG; images and settings go beside it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--attention-maps", action="store_true",
+                   help="also write <out stem>_attention.png: the first prompt's cross-attention map per word")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -96,6 +98,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         files.append({"file": str(path), "prompt": prompt, "seed": args.seed + i})
     columns = args.n if len(prompts) > 1 and args.n > 1 else None
     caption_grid(list(zip(to_pil(images), expanded)), cell=max(96, min(size, 256)), columns=columns).save(out)
+    if args.attention_maps:
+        from ldm.pipelines.attention_maps import attention_maps, save_attention_figure
+
+        try:
+            image, maps, words = attention_maps(pipe, prompts[0], settings, image_size=size)
+        except ValueError as e:
+            print(f"ldm sample: error: {e}", file=sys.stderr)
+            return 2
+        save_attention_figure(image, maps, words, out.with_name(out.stem + "_attention.png"), prompts[0])
     record = {"checkpoint": str(find_checkpoint(args.ckpt)), "image_size": size, "prompts": prompts, "n": args.n,
               "settings": settings.to_dict(), "grid": str(out), "images": files}
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

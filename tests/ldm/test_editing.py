@@ -7,6 +7,7 @@ import torch
 from ldm.data import ShardDataModule
 from ldm.pipelines import SamplerSettings, TextToImage, img2img, inpaint, invert, reconstruct
 from ldm.pipelines.editing import latent_mask
+from tests.conftest import run_ldm
 
 
 def _batch(shapes_dir, n=4):
@@ -54,3 +55,23 @@ def test_ddim_inversion_round_trip(ldm_run, shapes_dir):
     z = reconstruct(pipe, noise, prompts, settings, decode=False)
     error = (z - z0).norm() / z0.norm()
     assert error < 0.05, float(error)  # measured 0.028 (50 DDIM steps, guidance off, 4 validation scenes)
+
+
+def test_attention_maps_are_one_per_word_and_differ(ldm_run, tmp_path):
+    from ldm.pipelines.attention_maps import attention_maps, cross_attention_layers, save_attention_figure
+
+    pipe = TextToImage(ldm_run.model.eval())
+    image, maps, words = attention_maps(pipe, "a red circle left of a blue square",
+                                        SamplerSettings(sampler="ddim", steps=6, cfg=3.0, seed=0), image_size=32)
+    assert words == ["a", "red", "circle", "left", "of", "a", "blue", "square"]
+    assert image.shape == (3, 32, 32) and maps.shape == (8, 32, 32) and torch.isfinite(maps).all()
+    assert float(maps.min()) == 0.0 and float(maps.max()) == 1.0
+    assert not torch.allclose(maps[1], maps[2], atol=1e-3) and not torch.allclose(maps[2], maps[7], atol=1e-3)
+    # the probes are removed afterwards: sampling runs on the fast SDPA path again
+    assert all(layer.probe is None for layer in cross_attention_layers(pipe.system.unet))
+    path = save_attention_figure(image, maps, words, tmp_path / "attention.png", "a red circle left of a blue square")
+    assert path.stat().st_size > 0
+    res = run_ldm(["sample", "--ckpt", ldm_run.run_dir, "--prompt", "a red circle", "--steps", "3", "--quiet",
+                   "--attention-maps", "--out", "s/grid.png"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "s/grid_attention.png").stat().st_size > 0
