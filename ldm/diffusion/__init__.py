@@ -3,7 +3,12 @@
 Pure torch, shared by the unCLIP prior and the U-Net; general over tensor shapes.
 """
 
-from ldm.diffusion.conditioning import ConditionDropout, drop_condition, null_condition
+from ldm.diffusion.conditioning import (
+    ConditionDropout,
+    drop_condition,
+    drop_randomly,
+    null_condition,
+)
 from ldm.diffusion.denoiser import Cond, Denoiser, Step, StepCallback, append_dims
 from ldm.diffusion.guidance import (
     classifier_free_guidance,
@@ -51,7 +56,7 @@ __all__ = [
     "SAMPLERS", "Cond", "ConditionDropout", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
     "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps",
-    "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition",
+    "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition", "drop_randomly",
     "gradient_guidance", "invert_ddim", "known_region_denoiser", "karras_sigmas", "null_condition", "offset_noise_like",
     "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler",
     "sample_euler_ancestral", "sample_heun",

@@ -85,3 +85,12 @@ def drop_condition(cond: Mapping[str, Tensor], drop: Tensor) -> dict[str, Tensor
     """Replace the rows of ``cond`` where ``drop`` (B,) is True by :func:`null_condition` (one draw per sample)."""
     null = null_condition(cond)
     return {k: torch.where(drop.reshape(-1, *([1] * (v.ndim - 1))).to(v.device), null[k], v) for k, v in cond.items()}
+
+
+def drop_randomly(cond: Mapping[str, Tensor], p: float,
+                  generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """(``cond`` with each sample's whole condition nulled with probability ``p``, the drop mask (B,))."""
+    first = next(iter(cond.values()))
+    drop = torch.rand(len(first), generator=generator, device=generator.device if generator else first.device)
+    drop = (drop < p).to(first.device)  # (B,)
+    return drop_condition(cond, drop), drop

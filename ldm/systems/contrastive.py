@@ -17,6 +17,7 @@ import torch
 
 from ldm.contrastive import ContrastiveLoss, OpenCLIP, ZeroShotTask
 from ldm.metrics.retrieval import class_embeddings, recall_at_k, zero_shot_accuracy
+from ldm.systems.validation import gather_rows
 
 _NO_DECAY = ("bias", "logit_scale", "logit_bias", "embedding", "ln_", "norm", "bn")
 
@@ -86,9 +87,7 @@ class ContrastiveSystem(L.LightningModule):
             self.log("val/loss", loss, sync_dist=True, batch_size=int(valid.sum()))
 
     def _gathered(self, key: str) -> torch.Tensor:
-        local = torch.cat(self._val[key])
-        every = self.all_gather(local)  # (W, N, ...) or (N, ...) on one process
-        return every.flatten(0, 1) if self.trainer.world_size > 1 else every
+        return gather_rows(self, torch.cat(self._val[key]))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val.get("image"):

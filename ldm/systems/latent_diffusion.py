@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from ldm.autoencoder.first_stage import FirstStage, IdentityFirstStage
 from ldm.contrastive.text_encoder import FrozenTextEncoder
-from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner, drop_condition
-from ldm.diffusion.precond import VPPrecond
+from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner, drop_randomly
 from ldm.systems.optim import Shared, warmup_scheduler
+from ldm.systems.validation import log_fixed_noise_losses, validation_levels
 
 log = logging.getLogger(__name__)
 # the frozen first stage and text encoder are in eval mode on purpose
@@ -100,17 +100,8 @@ class LatentDiffusion(L.LightningModule):
         else:
             self.embedding_proj = None
         self.embedding_tokens = embedding_tokens
-        self.val_levels = self._val_levels(val_timesteps, val_sigmas)  # (names, sigmas)
+        self.val_levels = validation_levels(self.precond, val_timesteps, val_sigmas)  # (names, sigmas)
         self._check_shapes()
-
-    def _val_levels(self, timesteps, sigmas) -> tuple[list[str], Tensor]:
-        if sigmas is not None:
-            return [f"sigma{s:g}" for s in sigmas], torch.tensor(list(sigmas), dtype=torch.float32)
-        if not isinstance(self.precond, VPPrecond):
-            raise ValueError("val_timesteps need a discrete VP preconditioner; give val_sigmas for "
-                             f"{type(self.precond).__name__}")
-        t = torch.tensor(list(timesteps), dtype=torch.float64)
-        return [f"t{int(x)}" for x in timesteps], self.precond.schedule.t_to_sigma(t).float()
 
     def _check_shapes(self) -> None:
         """Mismatched stages fail here, at construction, naming both sides."""
@@ -189,10 +180,7 @@ class LatentDiffusion(L.LightningModule):
     # -- training ----------------------------------------------------------------------------
     def drop(self, cond: dict[str, Tensor], generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """(condition with each sample's condition nulled with probability cond_drop, the drop mask (B,))."""
-        first = next(iter(cond.values()))
-        drop = torch.rand(len(first), generator=generator, device=generator.device if generator else first.device)
-        drop = (drop < self.cond_drop).to(first.device)  # (B,)
-        return drop_condition(cond, drop), drop
+        return drop_randomly(cond, self.cond_drop, generator)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         z = self.latents(batch)  # (B, C, h, w)
@@ -213,17 +201,6 @@ class LatentDiffusion(L.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         z = self.latents(batch)
-        cond = self.condition(batch) or None
         valid = batch.get("valid", torch.ones(len(z), dtype=torch.bool, device=z.device))
-        n = int(valid.sum())
-        if n == 0:
-            return
-        gen = torch.Generator(z.device).manual_seed(self.val_seed * 1_000_003 + batch_idx * 4099 + self.global_rank)
-        noise = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
-        per_level = []
-        for name, sigma in zip(self.val_levels[0], self.val_levels[1].tolist()):
-            s = torch.full((len(z),), sigma, device=z.device, dtype=z.dtype)
-            value = self.loss(self.precond, self.unet, z, cond, sigma=s, noise=noise)[valid].mean()
-            per_level.append(value)
-            self.log(f"val/loss_{name}", value, batch_size=n, sync_dist=True)
-        self.log("val/loss", torch.stack(per_level).mean(), batch_size=n, sync_dist=True, prog_bar=True)
+        log_fixed_noise_losses(self, self.unet, z, self.condition(batch) or None, valid, batch_idx, self.val_levels,
+                               self.val_seed)

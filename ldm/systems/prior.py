@@ -36,12 +36,17 @@ from ldm.diffusion import (
     Preconditioner,
     X0Precond,
     classifier_free_guidance,
-    drop_condition,
+    drop_randomly,
     null_condition,
 )
-from ldm.diffusion.precond import VPPrecond
+from ldm.metrics.retrieval import recall_at_k
 from ldm.pipelines.text_to_image import sampling_sigmas
 from ldm.systems.optim import Shared, warmup_scheduler
+from ldm.systems.validation import (
+    gather_rows,
+    log_fixed_noise_losses,
+    validation_levels,
+)
 
 
 def _adamw(params):
@@ -77,9 +82,7 @@ class DiffusionPrior(L.LightningModule):
         self.cond_drop, self.use_tokens = cond_drop, use_tokens
         self.optimizer_fn, self.warmup_steps = Shared(optimizer), warmup_steps
         self.sampler, self.steps, self.cfg, self.best_of = sampler, steps, cfg, best_of
-        self.val_timesteps, self.val_seed = list(val_timesteps), val_seed
-        if not isinstance(self.precond, VPPrecond):
-            raise ValueError("the prior's validation loss uses DDPM timesteps: use a discrete VP preconditioner")
+        self.val_levels, self.val_seed = validation_levels(self.precond, val_timesteps), val_seed
         self.scale = math.sqrt(getattr(prior, "embed_dim", 1))
         self._val: dict[str, list[Tensor]] = {}
 
@@ -103,8 +106,7 @@ class DiffusionPrior(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x0, cond = self.target(batch), self.condition(batch)
         if self.cond_drop > 0:
-            drop = torch.rand(len(x0), device=x0.device) < self.cond_drop
-            cond = drop_condition(cond, drop)
+            cond, _ = drop_randomly(cond, self.cond_drop)
         loss = self.loss(self.precond, self.prior, x0, cond).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
         return loss
@@ -144,50 +146,28 @@ class DiffusionPrior(L.LightningModule):
 
     # -- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._val = {"pred": [], "text": [], "image": []}
+        self._val = {"pred": [], "text": [], "image": [], "valid": []}
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0, cond = self.target(batch), self.condition(batch)
         valid = batch.get("valid", torch.ones(len(x0), dtype=torch.bool, device=x0.device))
-        n = int(valid.sum())
-        gen = torch.Generator(x0.device).manual_seed(self.val_seed * 1_000_003 + batch_idx * 4099 + self.global_rank)
-        noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
-        sigmas = self.precond.schedule.t_to_sigma(torch.tensor(self.val_timesteps, dtype=torch.float64)).tolist()
-        levels = []
-        for t, sigma in zip(self.val_timesteps, sigmas, strict=True):
-            s = torch.full((len(x0),), sigma, device=x0.device, dtype=x0.dtype)
-            value = self.loss(self.precond, self.prior, x0, cond, sigma=s, noise=noise)[valid].mean()
-            levels.append(value)
-            self.log(f"val/loss_t{t}", value, batch_size=max(n, 1), sync_dist=True)
-        self.log("val/loss", torch.stack(levels).mean(), batch_size=max(n, 1), sync_dist=True, prog_bar=True)
-        pred = self.sample(cond, seed=self.val_seed + batch_idx * 7919)
-        self._val["pred"].append(pred[valid])
-        self._val["text"].append(F.normalize(cond["text_emb"][valid], dim=-1))
-        self._val["image"].append(F.normalize(batch["clip_image"].float()[valid], dim=-1))
+        log_fixed_noise_losses(self, self.prior, x0, cond, valid, batch_idx, self.val_levels, self.val_seed)
+        self._val["pred"].append(self.sample(cond, seed=self.val_seed + batch_idx * 7919))
+        self._val["text"].append(F.normalize(cond["text_emb"], dim=-1))
+        self._val["image"].append(F.normalize(batch["clip_image"].float(), dim=-1))
+        self._val["valid"].append(valid)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val.get("pred"):
             return
-        local = {k: torch.cat(v) for k, v in self._val.items()}
-        gathered = {k: self._gather(v) for k, v in local.items()}
-        image = gathered["image"]
-        for name in ("pred", "text"):
-            guess = gathered[name]
-            cos = (guess * image).sum(-1).mean()
-            r1 = ((guess @ image.t()).argmax(dim=1) == torch.arange(len(image), device=image.device)).float().mean()
-            label = "prior" if name == "pred" else "text"
-            self.log(f"val/cos_{label}", cos, sync_dist=False, rank_zero_only=False)
+        every = {k: gather_rows(self, torch.cat(v)) for k, v in self._val.items()}
+        valid = every["valid"].bool()
+        image = every["image"][valid]
+        for name, label in (("pred", "prior"), ("text", "text")):
+            guess = every[name][valid]
+            self.log(f"val/cos_{label}", (guess * image).sum(-1).mean(), sync_dist=False, rank_zero_only=False)
+            # R@1 of the true image among all validation images, from each predicted (or text) embedding
+            r1 = recall_at_k(guess, image, ks=(1,))["i2t_R@1"]
             self.log(f"val/r1_{label}", r1, sync_dist=False, rank_zero_only=False)
         self._val = {}
-
-    def _gather(self, x: Tensor) -> Tensor:
-        """All ranks' rows (every rank holds the same number: the data module pads ranks equally,
-        and padding rows were already removed, so sizes are exchanged first)."""
-        if self.trainer is None or self.trainer.world_size == 1:
-            return x
-        sizes = self.all_gather(torch.tensor(len(x), device=x.device))
-        width = int(sizes.max())
-        padded = torch.cat([x, x.new_zeros(width - len(x), *x.shape[1:])]) if len(x) < width else x
-        rows = self.all_gather(padded)  # (world, width, D)
-        return torch.cat([rows[r, : int(sizes[r])] for r in range(len(sizes))])
