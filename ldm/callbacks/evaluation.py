@@ -104,15 +104,7 @@ class GenerationEvalCallback(L.Callback):
             return
         evalset = self._evalset
         pil = to_pil(result.images[:k])
-        labels = []
-        for i in range(k):
-            label = evalset.captions[result.indices[i]]
-            if result.clip_scores:
-                label += f" | CLIP {result.clip_scores[i]:.1f}"
-            if result.verdicts:
-                label += f" | {result.verdicts[i].summary()}"
-            labels.append(label)
-        grid = caption_grid(list(zip(pil, labels, strict=True)), cell=96, caption_lines=5)
+        grid = caption_grid(list(zip(pil, result.labels(evalset, k), strict=True)), cell=96, caption_lines=5)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"eval-step{trainer.global_step:07d}.png")

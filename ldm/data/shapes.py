@@ -133,7 +133,8 @@ class Scene:
         }
 
 
-def _article(phrase: str) -> str:
+def article(phrase: str) -> str:
+    """``a red circle`` / ``an orange circle``."""
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -271,7 +272,7 @@ def sample_scene(seed: int, index: int, image_size: int = 64, split: str = "trai
 
 
 def _caption(rng: np.random.Generator, objects: list[SceneObject], rel_name: str | None) -> tuple[str, str]:
-    a = [_article(o.phrase) for o in objects]
+    a = [article(o.phrase) for o in objects]
     if len(objects) == 1:
         t = int(rng.integers(len(_ONE)))
         return _ONE[t].format(a=a[0], a_bare=objects[0].phrase), f"one/{t}"

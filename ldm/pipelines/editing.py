@@ -22,10 +22,8 @@ from torch import Tensor
 
 from ldm.diffusion import (
     SAMPLERS,
-    classifier_free_guidance,
     invert_ddim,
     known_region_denoiser,
-    null_condition,
 )
 from ldm.diffusion.samplers import sample_ddim
 from ldm.pipelines.text_to_image import (
@@ -39,11 +37,7 @@ from ldm.pipelines.text_to_image import (
 
 def _denoiser(pipe: TextToImage, prompts: Sequence[str], settings: SamplerSettings):
     cond = pipe.condition(prompts)
-    model_fn = pipe.system.denoiser()
-    if cond is not None and settings.cfg != 1.0:
-        model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=null_condition(cond),
-                                            rescale=settings.rescale)
-    return model_fn, cond
+    return pipe.guided_denoiser(cond, settings), cond
 
 
 def _sample(model_fn, x: Tensor, sigmas: Tensor, cond, settings: SamplerSettings) -> Tensor:

@@ -86,7 +86,7 @@ def binding_eval_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
         relation = base.relations[0].relation
         if not shapes.relation_holds(objects[0], relation, objects[1]) or max(objects[1].bbox) > image_size:
             continue
-        caption = f"{_article(colors[0])} {a.shape} {BINDING_PHRASES[relation]} {_article(colors[1])} {a.shape}"
+        caption = f"{shapes.article(colors[0])} {a.shape} {BINDING_PHRASES[relation]} {shapes.article(colors[1])} {a.shape}"
         scene = shapes.Scene(image_size=image_size, objects=objects, relations=[shapes.Relation(0, relation, 1)],
                              caption=caption, meta={"seed": seed, "split": "binding", "index": i - 1})
         captions.append(caption)
@@ -94,10 +94,6 @@ def binding_eval_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
         array = np.asarray(shapes.render(scene))
         images.append(torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1)
     return EvalSet(captions, metas, torch.stack(images), [f"binding:seed={seed}"], image_size)
-
-
-def _article(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 def rank_block(n: int, rank: int, world: int) -> range:
@@ -111,6 +107,18 @@ class EvalResult:
     images: Tensor  # (len(indices), 3, H, W) in [-1, 1]
     clip_scores: list[float] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+
+    def labels(self, evalset: EvalSet, k: int) -> list[str]:
+        """Captions of this rank's first k images with their CLIP score and compositional verdict."""
+        out = []
+        for i in range(k):
+            label = evalset.captions[self.indices[i]]
+            if self.clip_scores:
+                label += f" | CLIP {self.clip_scores[i]:.1f}"
+            if self.verdicts:
+                label += f" | {self.verdicts[i].summary()}"
+            out.append(label)
+        return out
 
 
 class GenerationEvaluator:

@@ -81,8 +81,8 @@ class TextToImage:
     """Sample images for prompts from a :class:`~ldm.systems.LatentDiffusion` (in eval mode, frozen)."""
 
     def __init__(self, system, batch_size: int = 16, condition_fn=None):
-        """``condition_fn(prompts) -> cond`` replaces the text condition (the unCLIP pipelines pass CLIP
-        image embeddings through it)."""
+        """``condition_fn(prompts, start) -> cond`` replaces the text condition of the prompts at
+        ``start, start + 1, ...`` of a call (the unCLIP pipelines pass CLIP image embeddings through it)."""
         self.system = system
         self.batch_size = batch_size
         self.condition_fn = condition_fn
@@ -104,9 +104,10 @@ class TextToImage:
         side = image_size // fs.downsample_factor
         return fs.latent_channels, side, side
 
-    def condition(self, prompts: Sequence[str]) -> dict[str, Tensor] | None:
+    def condition(self, prompts: Sequence[str], start: int = 0) -> dict[str, Tensor] | None:
+        """The condition of ``prompts``, which stand at index ``start`` of the list being sampled."""
         if self.condition_fn is not None:
-            return self.condition_fn(prompts)
+            return self.condition_fn(prompts, start)
         system = self.system
         if not system.uses_text:
             return None
@@ -115,6 +116,14 @@ class TextToImage:
                              "prompts: set model.text_encoder in its config")
         tokens = system.text_encoder.tokenizer(list(prompts)).to(system.device)
         return system.condition({"tokens": tokens}) or None
+
+    def guided_denoiser(self, cond: dict[str, Tensor] | None, settings: SamplerSettings):
+        """The system's denoiser, with classifier-free guidance at ``settings.cfg`` when there is a condition."""
+        model_fn = self.system.denoiser()
+        if cond is not None and settings.cfg != 1.0:
+            model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=null_condition(cond),
+                                                rescale=settings.rescale)
+        return model_fn
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
@@ -134,11 +143,8 @@ class TextToImage:
         for c in range(chunks):
             lo = c * self.batch_size
             part = list(prompts[lo: lo + self.batch_size])
-            cond = self.condition(part)
-            model_fn = system.denoiser()
-            if cond is not None and settings.cfg != 1.0:
-                model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=null_condition(cond),
-                                                    rescale=settings.rescale)
+            cond = self.condition(part, lo)
+            model_fn = self.guided_denoiser(cond, settings)
             x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
             x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
             gen = torch.Generator(system.device).manual_seed(settings.seed + index_offset + lo)

@@ -84,11 +84,9 @@ class UnCLIP:
                prompts: Sequence[str] | None = None, progress: bool = False) -> Tensor:
         """Images (B, 3, H, W) for CLIP image embeddings (B, D); image i from the noise of seed + i."""
         prompts = list(prompts) if prompts is not None else [""] * len(embeddings)
-        rows = iter(range(len(prompts)))  # TextToImage asks for the conditions of consecutive chunks in order
 
-        def condition(part: Sequence[str]) -> dict[str, Tensor]:
-            idx = [next(rows) for _ in part]
-            return self._decoder_condition(embeddings[idx], [prompts[i] for i in idx])
+        def condition(part: Sequence[str], start: int) -> dict[str, Tensor]:
+            return self._decoder_condition(embeddings[start: start + len(part)], part)
 
         pipe = TextToImage(self.decoder, batch_size=self.batch_size, condition_fn=condition)
         return pipe(prompts, settings, image_size=image_size, progress=progress)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ldm.autoencoder.first_stage import FirstStage, IdentityFirstStage
 from ldm.contrastive.text_encoder import FrozenTextEncoder
 from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner, drop_randomly
-from ldm.systems.optim import Shared, warmup_scheduler
+from ldm.systems.optim import Shared, trainable_with_warmup
 from ldm.systems.validation import log_fixed_noise_losses, validation_levels
 
 log = logging.getLogger(__name__)
@@ -194,8 +194,7 @@ class LatentDiffusion(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = self.optimizer_fn.value([p for p in self.parameters() if p.requires_grad])
-        return {"optimizer": opt, "lr_scheduler": warmup_scheduler(opt, self.warmup_steps)}
+        return trainable_with_warmup(self.optimizer_fn.value, self, self.warmup_steps)
 
     # -- validation: loss at fixed noise levels with fixed noise ------------------------------
     @torch.no_grad()

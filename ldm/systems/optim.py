@@ -23,3 +23,9 @@ def warmup_scheduler(opt: torch.optim.Optimizer, warmup_steps: int) -> dict:
         return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor), "interval": "step"}
+
+
+def trainable_with_warmup(make_optimizer, module: torch.nn.Module, warmup_steps: int) -> dict:
+    """``configure_optimizers``' answer: one optimizer over the module's trainable parameters, linear warmup."""
+    opt = make_optimizer([p for p in module.parameters() if p.requires_grad])
+    return {"optimizer": opt, "lr_scheduler": warmup_scheduler(opt, warmup_steps)}

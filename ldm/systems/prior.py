@@ -41,7 +41,7 @@ from ldm.diffusion import (
 )
 from ldm.metrics.retrieval import recall_at_k
 from ldm.pipelines.text_to_image import sampling_sigmas
-from ldm.systems.optim import Shared, warmup_scheduler
+from ldm.systems.optim import Shared, trainable_with_warmup
 from ldm.systems.validation import (
     gather_rows,
     log_fixed_noise_losses,
@@ -112,8 +112,7 @@ class DiffusionPrior(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        opt = self.optimizer_fn.value([p for p in self.parameters() if p.requires_grad])
-        return {"optimizer": opt, "lr_scheduler": warmup_scheduler(opt, self.warmup_steps)}
+        return trainable_with_warmup(self.optimizer_fn.value, self, self.warmup_steps)
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -139,17 +139,10 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
     from ldm.data.transforms import to_pil
 
     out.mkdir(parents=True, exist_ok=True)
-    main_settings, main = results[len(results) // 2] if len(results) > 1 else results[0]
+    main_settings, main = results[len(results) // 2]
     k = min(args.grid, len(main.images))
-    labels = []
-    for i in range(k):
-        label = evalset.captions[i]
-        if main.clip_scores:
-            label += f" | CLIP {main.clip_scores[i]:.1f}"
-        if main.verdicts:
-            label += f" | {main.verdicts[i].summary()}"
-        labels.append(label)
-    caption_grid(list(zip(to_pil(main.images[:k]), labels, strict=True)), cell=128, caption_lines=7).save(out / "samples.png")
+    grid = list(zip(to_pil(main.images[:k]), main.labels(evalset, k), strict=True))
+    caption_grid(grid, cell=128, caption_lines=7).save(out / "samples.png")
     record = {"checkpoint": checkpoint, "data": data, "n": len(evalset), "image_size": evalset.image_size,
               "inception_weights": weights_note, "clip_scorer": scorer_note, "grid_cfg": main_settings.cfg,
               "results": [{"settings": s.to_dict(), "metrics": r.metrics} for s, r in results]}
