@@ -58,8 +58,9 @@ class AutoencoderFirstStage(FirstStage):
     def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.autoencoder.encode_posterior(images)
 
-    @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
+        # no no_grad here: the weights are frozen, so a graph is built only for a z that requires grad
+        # (CLIP guidance differentiates a score of the decoded image w.r.t. the latent)
         return self.autoencoder.decode(z)  # (B, 3, H, W)
 
 

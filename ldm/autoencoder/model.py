@@ -51,7 +51,6 @@ class Autoencoder(nn.Module):
         """Images -> scaled latents (the mode for KL unless ``sample``)."""
         return self.encode_posterior(x, sample)[0]
 
-    @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        """Scaled latents -> images in (about) [-1, 1]."""
+        """Scaled latents -> images in (about) [-1, 1] (differentiable: CLIP guidance needs d image / d z)."""
         return self.decoder(z / self.scale_factor)

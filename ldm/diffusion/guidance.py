@@ -10,8 +10,8 @@
   "GLIDE" sec. 2.4). In sigma space adding ``scale * grad_x log p(y | x)`` to the score
   ``(D - x) / sigma^2`` is ``D' = D + scale * sigma^2 * grad``, the formula
   eps' = eps - sqrt(1 - alpha_bar) * s * grad of the seed lecture, in x0 terms. The gradient is
-  taken through the denoiser (``grad_x score(D(x))``) or, cheaper, at the prediction
-  (``grad_{x0} score(x0)``, ``through_denoiser=False``).
+  taken through the denoiser (``grad_x score(D(x))``), cheaper at the prediction
+  (``grad_{x0} score(x0)``), or on the noisy input for a scorer trained on noised samples.
 * :func:`known_region_denoiser` (inpainting): the prediction is replaced by the known clean
   sample outside the mask at every step, so the sampler's last step to sigma = 0 returns the
   known region exactly (the "replace x0" form of Lugmayr et al. 2022's known-region conditioning).
@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -64,20 +65,34 @@ def classifier_free_guidance(model_fn: Denoiser, *, scale: float, uncond: Cond, 
     return guided
 
 
+GradientAt = Literal["denoised", "prediction", "input"]
+
+
 def gradient_guidance(model_fn: Denoiser, score_fn: Scorer, *, scale: float,
-                      through_denoiser: bool = True) -> Denoiser:
-    """A denoiser whose prediction is moved along the gradient of ``score_fn`` of the prediction."""
+                      at: GradientAt = "denoised") -> Denoiser:
+    """A denoiser whose prediction is moved by ``scale * sigma^2`` times a score gradient w.r.t. the input.
+
+    ``at`` says what the scorer sees and how the gradient is taken:
+
+    * ``"denoised"``: the prediction ``D(x)``, gradient through the denoiser (``grad_x score(D(x))``);
+    * ``"prediction"``: the prediction, gradient at the prediction (``grad_{x0} score(x0)``, no
+      backward pass through the network: cheaper, GLIDE-style CLIP guidance on x0);
+    * ``"input"``: the noisy input itself (``grad_x score(x)``), for a scorer trained on noised
+      samples (GLIDE's noised CLIP, Dhariwal & Nichol's noisy classifier).
+    """
+    if at not in ("denoised", "prediction", "input"):
+        raise ValueError(f"at must be 'denoised', 'prediction' or 'input', got {at!r}")
 
     def guided(x: Tensor, sigma: Tensor, cond: Cond = None) -> Tensor:
         with torch.enable_grad():
-            if through_denoiser:
+            if at == "denoised":
                 x_in = x.detach().requires_grad_(True)
                 denoised = model_fn(x_in, sigma, cond)
                 (grad,) = torch.autograd.grad(score_fn(denoised, sigma, cond).sum(), x_in)
             else:
                 denoised = model_fn(x, sigma, cond).detach()
-                x0 = denoised.clone().requires_grad_(True)
-                (grad,) = torch.autograd.grad(score_fn(x0, sigma, cond).sum(), x0)
+                seen = (denoised if at == "prediction" else x).detach().clone().requires_grad_(True)
+                (grad,) = torch.autograd.grad(score_fn(seen, sigma, cond).sum(), seen)
         return denoised.detach() + scale * append_dims(sigma, x.ndim) ** 2 * grad
 
     return guided

@@ -37,7 +37,7 @@ from ldm.pipelines.text_to_image import (
 
 def _denoiser(pipe: TextToImage, prompts: Sequence[str], settings: SamplerSettings):
     cond = pipe.condition(prompts)
-    return pipe.guided_denoiser(cond, settings), cond
+    return pipe.denoiser_for(prompts, cond, settings), cond
 
 
 def _sample(model_fn, x: Tensor, sigmas: Tensor, cond, settings: SamplerSettings) -> Tensor:

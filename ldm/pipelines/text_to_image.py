@@ -125,14 +125,22 @@ class TextToImage:
                                                 rescale=settings.rescale)
         return model_fn
 
+    def denoiser_for(self, prompts: Sequence[str], cond: dict[str, Tensor] | None, settings: SamplerSettings):
+        """The denoiser that samples ``prompts`` (subclasses add guidance that reads the prompts)."""
+        return self.guided_denoiser(cond, settings)
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
-                 progress: bool = True, index_offset: int = 0) -> Tensor:
+                 progress: bool = True, index_offset: int = 0, x_init: Tensor | None = None) -> Tensor:
         """Images (len(prompts), 3, H, W) in [-1, 1], one per prompt (repeat a prompt for several).
 
         ``index_offset``: the global index of the first prompt, when a list is shared out (over ranks):
         image ``i`` uses the noise of seed ``seed + index_offset + i`` wherever it is drawn.
+        ``x_init``: the starting latents (len(prompts), C, h, w) at the first noise level, used as they are
+        (e.g. DDIM-inverted noise of an image) instead of seeded noise.
         """
+        if x_init is not None and len(x_init) != len(prompts):
+            raise ValueError(f"x_init has {len(x_init)} rows for {len(prompts)} prompts")
         system = self.system
         shape = self.latent_shape(image_size)
         sampler = SAMPLERS[settings.sampler]
@@ -144,9 +152,12 @@ class TextToImage:
             lo = c * self.batch_size
             part = list(prompts[lo: lo + self.batch_size])
             cond = self.condition(part, lo)
-            model_fn = self.guided_denoiser(cond, settings)
-            x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
-            x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
+            model_fn = self.denoiser_for(part, cond, settings)
+            if x_init is not None:
+                x = x_init[lo: lo + len(part)].to(system.device)
+            else:
+                x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
+                x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
             gen = torch.Generator(system.device).manual_seed(settings.seed + index_offset + lo)
             desc = f"sampling {settings.sampler}" + (f" [{c + 1}/{chunks}]" if chunks > 1 else "")
             callback = progress_bar(desc) if progress else None

@@ -1,5 +1,5 @@
 """unCLIP generation (Ramesh et al. 2022): text -> [diffusion prior] -> CLIP image embedding -> decoder -> image,
-and the embedding-space edits of the DALL-E 2 paper: variations and interpolations.
+and the embedding-space edits of the DALL-E 2 paper: variations, interpolations and text diffs.
 
 The decoder is a :class:`~ldm.systems.LatentDiffusion` conditioned on ``clip_image`` (vector route plus
 embedding tokens, ``configs/unclip/``); the prior a :class:`~ldm.systems.DiffusionPrior`. Without a prior
@@ -10,11 +10,13 @@ embeddings only, driven by text embeddings).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.pipelines.editing import invert
 from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
 
 
@@ -79,17 +81,23 @@ class UnCLIP:
             batch["tokens"] = self.text_encoder.tokenizer(list(prompts)).to(self.decoder.device)
         return self.decoder.condition(batch)
 
-    @torch.no_grad()
-    def decode(self, embeddings: Tensor, settings: SamplerSettings, *, image_size: int,
-               prompts: Sequence[str] | None = None, progress: bool = False) -> Tensor:
-        """Images (B, 3, H, W) for CLIP image embeddings (B, D); image i from the noise of seed + i."""
-        prompts = list(prompts) if prompts is not None else [""] * len(embeddings)
+    def decoder_pipeline(self, embeddings: Tensor) -> TextToImage:
+        """The decoder as a :class:`TextToImage` whose prompt i is conditioned on ``embeddings[i]`` (one row: all)."""
 
         def condition(part: Sequence[str], start: int) -> dict[str, Tensor]:
-            return self._decoder_condition(embeddings[start: start + len(part)], part)
+            rows = embeddings.expand(len(part), -1) if len(embeddings) == 1 else embeddings[start: start + len(part)]
+            return self._decoder_condition(rows, part)
 
-        pipe = TextToImage(self.decoder, batch_size=self.batch_size, condition_fn=condition)
-        return pipe(prompts, settings, image_size=image_size, progress=progress)
+        return TextToImage(self.decoder, batch_size=self.batch_size, condition_fn=condition)
+
+    @torch.no_grad()
+    def decode(self, embeddings: Tensor, settings: SamplerSettings, *, image_size: int,
+               prompts: Sequence[str] | None = None, progress: bool = False, x_init: Tensor | None = None) -> Tensor:
+        """Images (B, 3, H, W) for CLIP image embeddings (B, D); image i from the noise of seed + i
+        (or from ``x_init``)."""
+        prompts = list(prompts) if prompts is not None else [""] * len(embeddings)
+        pipe = self.decoder_pipeline(embeddings)
+        return pipe(prompts, settings, image_size=image_size, progress=progress, x_init=x_init)
 
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
                  progress: bool = False) -> Tensor:
@@ -113,3 +121,33 @@ class UnCLIP:
         for i in range(frames):  # each frame alone with the same seed: the same decoder noise for all
             out.append(self.decode(embeddings[i: i + 1], settings, image_size=image_size))
         return torch.cat(out)
+
+    @torch.no_grad()
+    def invert(self, image: Tensor, settings: SamplerSettings) -> Tensor:
+        """The decoder's DDIM-inverted noise latent (1, C, h, w) of one image, conditioned on its own embedding."""
+        emb = self.encode_images(image)[:1]
+        return invert(self.decoder_pipeline(emb), image[:1], [""], replace(settings, sampler="ddim", eta=0.0))
+
+    @torch.no_grad()
+    def text_diff_embeddings(self, image: Tensor, old_prompt: str, new_prompt: str,
+                             amounts: Sequence[float]) -> Tensor:
+        """``slerp(z_image, normalise(z_text(new) - z_text(old)), a)`` for each amount: (len(amounts), D)."""
+        z_i = self.encode_images(image)[:1]
+        text = self.text_embeddings([old_prompt, new_prompt])["pooled"].to(z_i)
+        z_d = F.normalize(text[1:] - text[:1], dim=-1)
+        return torch.cat([slerp(z_i, z_d, float(a)) for a in amounts])
+
+    @torch.no_grad()
+    def text_diff(self, image: Tensor, old_prompt: str, new_prompt: str, amounts: Sequence[float],
+                  settings: SamplerSettings, *, image_size: int, progress: bool = False) -> Tensor:
+        """DALL-E 2's text diffs (sec. 3.3): one frame per amount, the image edited toward the new caption.
+
+        Frame ``a`` decodes :meth:`text_diff_embeddings` with deterministic DDIM from the image's
+        DDIM-inverted noise, so amount 0 reconstructs the image. (The paper goes to 0.5 at most;
+        beyond that the image's content is mostly lost.)
+        """
+        ddim = replace(settings, sampler="ddim", eta=0.0)
+        x_t = self.invert(image, ddim)
+        embeddings = self.text_diff_embeddings(image, old_prompt, new_prompt, amounts)
+        return self.decode(embeddings, ddim, image_size=image_size, progress=progress,
+                           x_init=x_t.expand(len(embeddings), *x_t.shape[1:]))

@@ -16,6 +16,7 @@ import pytorch_lightning as L
 import torch
 
 from ldm.contrastive import ContrastiveLoss, OpenCLIP, ZeroShotTask
+from ldm.contrastive.noised import noise_images
 from ldm.metrics.retrieval import class_embeddings, recall_at_k, zero_shot_accuracy
 from ldm.systems.validation import gather_rows
 
@@ -30,16 +31,22 @@ class ContrastiveSystem(L.LightningModule):
         warmup_steps: linear warmup; then cosine decay to 0 at the trainer's last step.
         zero_shot: zero-shot classification tasks evaluated on the validation split.
         recall_ks: k of the retrieval recall@k.
+        noised_fraction: the fraction of training images replaced by noised versions at a random
+            noise level (a "noised CLIP" for CLIP-guided sampling, :mod:`ldm.contrastive.noised`); 0 = off.
     """
 
     def __init__(self, model: OpenCLIP, loss: ContrastiveLoss, lr: float = 5e-4, weight_decay: float = 0.2,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 100,
-                 zero_shot: list[ZeroShotTask] | None = None, recall_ks: list[int] | None = None):
+                 zero_shot: list[ZeroShotTask] | None = None, recall_ks: list[int] | None = None,
+                 noised_fraction: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss"])
         self.model, self.loss = model, loss
         self.zero_shot = list(zero_shot or [])
         self.recall_ks = list(recall_ks or [1, 5, 10])
+        if not 0.0 <= noised_fraction <= 1.0:
+            raise ValueError(f"noised_fraction must be in [0, 1], got {noised_fraction}")
+        self.noised_fraction = noised_fraction
         self._val: dict[str, list[torch.Tensor]] = {}
 
     @property
@@ -51,7 +58,7 @@ class ContrastiveSystem(L.LightningModule):
         return self.model.logit_bias if self.loss.uses_bias else None
 
     def training_step(self, batch, batch_idx):
-        img = self.model.encode_image(batch["image"])  # (B, D), normalised
+        img = self.model.encode_image(noise_images(batch["image"], self.noised_fraction))  # (B, D), normalised
         txt = self.model.encode_text(batch["tokens"])  # (B, D)
         scale = self.model.logit_scale.exp()
         loss = self.loss(img, txt, scale, self._bias())

@@ -1,12 +1,21 @@
-"""``ldm sample``: images for prompts from a trained latent-diffusion run.
+"""``ldm sample``: images from a trained latent-diffusion or unCLIP-decoder run, in one of several modes.
 
-    ldm sample --ckpt RUN_OR_CKPT --prompt "a red circle" [--prompt ...] [--prompts FILE]
-               [--sampler dpmpp_2m] [--steps 20] [--cfg 5.0] [--n 4] [--seed 0] [--out samples/grid.png]
+    ldm sample --ckpt RUN --prompt "a red circle" [--prompt ...] [--prompts FILE] [--n 4]      # text -> image
+    ldm sample --ckpt DECODER --prior PRIOR --prompt ...                 # unCLIP: text -> prior -> decoder
+    ldm sample --ckpt DECODER --mode variations --image in.png --n 4 --sampler ddim --eta 1
+    ldm sample --ckpt DECODER --mode interpolate --image a.png --image b.png --frames 8
+    ldm sample --ckpt DECODER --mode text-diff --image in.png --from-prompt "a red circle" --prompt "a blue circle"
+    ldm sample --ckpt RUN --mode img2img --image in.png --prompt ... --strength 0.6
+    ldm sample --ckpt RUN --mode inpaint --image in.png (--mask mask.png | --mask-box 0.5,0,1,1) --prompt ...
+    ldm sample --ckpt RUN --mode invert --image in.png [--prompt ...]    # DDIM inversion -> reconstruction
+    ... [--clip-guidance 1000 [--clip CLIP_RUN] [--noised-clip]] [--attention-maps]
 
-Writes the captioned grid (``--out``), every image on its own (``<out stem>/NNN-<prompt>.png``)
-and the settings (``<out stem>.json``: checkpoint, prompts, seeds, sampler settings, files).
-Image ``i`` (prompt-major, ``--n`` per prompt) starts from the noise of seed ``seed + i``,
-so the same command gives the same images.
+Every mode writes the captioned grid or strip (``--out``), every image on its own
+(``<out stem>/NNN-<caption>.png``) and a record (``<out stem>.json``: checkpoints, mode, inputs,
+prompts, seeds, sampler settings, files). Image ``i`` starts from the noise of seed ``seed + i``,
+so the same command gives the same images. A decoder conditioned on CLIP image embeddings
+(``configs/unclip/``) reads prompts through ``--prior`` (or, without one, through the CLIP text
+embedding itself); a cross-attention run reads them directly.
 """
 
 from __future__ import annotations
@@ -21,11 +30,17 @@ from pathlib import Path
 
 from ldm.diffusion.samplers import SAMPLERS
 
+MODES = ("text", "variations", "interpolate", "text-diff", "img2img", "inpaint", "invert")
+UNCLIP_MODES = ("variations", "interpolate", "text-diff")
+IMAGES_NEEDED = {"variations": 1, "interpolate": 2, "text-diff": 1, "img2img": 1, "inpaint": 1, "invert": 1}
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm sample", description="Sample images for prompts from a trained "
-                                "latent-diffusion run (EMA weights when the run used EMA).")
-    p.add_argument("--ckpt", required=True, help="latent-diffusion run folder (runs/<name>/<version>) or a .ckpt in one")
+    p = argparse.ArgumentParser(prog="ldm sample", description="Sample or edit images with a trained latent-diffusion "
+                                "or unCLIP-decoder run (EMA weights when the run used EMA).")
+    p.add_argument("--ckpt", required=True, help="latent-diffusion / decoder run folder (runs/<name>/<version>) or a "
+                   ".ckpt in one")
+    p.add_argument("--mode", default="text", choices=MODES)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
@@ -34,12 +49,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rescale", type=float, default=0.0, help="guidance rescale (Lin et al. 2024), 0 = off")
     p.add_argument("--eta", type=float, default=0.0, help="noise of ddim / euler_ancestral steps")
     p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace", "karras"])
-    p.add_argument("--n", type=int, default=1, help="images per prompt")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (text, img2img, inpaint) or variations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, help="image size in pixels (default: the run's data.image_size)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default="samples/grid.png", help="grid PNG; images and settings go beside it")
+    p.add_argument("--out", default="samples/grid.png", help="grid PNG; images and the JSON record go beside it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g = p.add_argument_group("unCLIP")
+    g.add_argument("--prior", help="diffusion-prior run: prompts -> CLIP image embeddings for an unCLIP decoder "
+                   "(without it the CLIP text embedding is used directly)")
+    g.add_argument("--prior-best-of", type=int, help="prior draws per prompt, the best by text similarity kept")
+    g.add_argument("--prior-steps", type=int, help="prior sampling steps (default: the prior's own)")
+    g.add_argument("--prior-cfg", type=float, help="prior guidance scale (default: the prior's own)")
+    g.add_argument("--frames", type=int, default=8, help="interpolate: frames in the strip")
+    g.add_argument("--from-prompt", help="text-diff: a caption of the input image (the edit goes from it to --prompt)")
+    g.add_argument("--amounts", default="0,0.1,0.2,0.3,0.4,0.5",
+                   help="text-diff: slerp amounts toward the caption difference, comma-separated")
+    g = p.add_argument_group("editing")
+    g.add_argument("--image", action="append", default=[], help="input image file (repeat for interpolate)")
+    g.add_argument("--strength", type=float, default=0.6, help="img2img: 0 keeps the input, 1 samples from noise")
+    g.add_argument("--mask", help="inpaint: mask image, white (> 50%%) = regenerate")
+    g.add_argument("--mask-box", help="inpaint: the box to regenerate as fractions left,top,right,bottom (0.5,0,1,1)")
+    g = p.add_argument_group("CLIP guidance (text, img2img, inpaint)")
+    g.add_argument("--clip-guidance", type=float, default=0.0, help="CLIP guidance scale (0 = off)")
+    g.add_argument("--clip", help="contrastive run that guides (default: the run's own text encoder's CLIP)")
+    g.add_argument("--noised-clip", action="store_true",
+                   help="the CLIP was trained on noised images: score the noisy sample (pixel-space runs)")
+    g.add_argument("--clip-through-denoiser", action="store_true",
+                   help="plain CLIP: back-propagate through the U-Net too (slower)")
     p.add_argument("--attention-maps", action="store_true",
                    help="also write <out stem>_attention.png: the first prompt's cross-attention map per word")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -50,41 +87,199 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty"
 
 
-def read_prompts(args) -> list[str]:
+def read_prompts(args, required: bool = True) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"--prompts {path}: no such file")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
+    if not prompts and required:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
+
+
+def read_images(files: Sequence[str], size: int):
+    """Image files as (B, 3, size, size) in [-1, 1] (shorter side resized, centre crop)."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from ldm.data.transforms import ImageTransform
+
+    out = []
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--image {f}: no such file")
+        try:
+            out.append(ImageTransform(size)(Image.open(f)))
+        except UnidentifiedImageError as e:
+            raise ValueError(f"--image {f}: not an image file ({e})") from e
+    return torch.stack(out)
+
+
+def read_mask(args, n: int, size: int):
+    """The inpainting mask (n, 1, size, size), 1 = regenerate, from --mask or --mask-box."""
+    import torch
+    from PIL import Image
+
+    if (args.mask is None) == (args.mask_box is None):
+        raise ValueError("inpaint needs exactly one of --mask FILE or --mask-box left,top,right,bottom")
+    if args.mask is not None:
+        if not Path(args.mask).is_file():
+            raise FileNotFoundError(f"--mask {args.mask}: no such file")
+        gray = Image.open(args.mask).convert("L").resize((size, size), Image.Resampling.NEAREST)
+        mask = torch.tensor(list(gray.getdata()), dtype=torch.float32).reshape(1, 1, size, size) / 255 > 0.5
+    else:
+        try:
+            left, top, right, bottom = (float(v) for v in args.mask_box.split(","))
+        except ValueError as e:
+            raise ValueError(f"--mask-box {args.mask_box!r}: give four fractions left,top,right,bottom") from e
+        if not (0 <= left < right <= 1 and 0 <= top < bottom <= 1):
+            raise ValueError(f"--mask-box {args.mask_box!r}: need 0 <= left < right <= 1 and 0 <= top < bottom <= 1")
+        mask = torch.zeros(1, 1, size, size, dtype=torch.bool)
+        mask[..., round(top * size): round(bottom * size), round(left * size): round(right * size)] = True
+    if not mask.any():
+        raise ValueError("the inpainting mask is empty: nothing to regenerate")
+    return mask.float().expand(n, -1, -1, -1)
+
+
+class Job:
+    """The loaded run(s) and how prompts become the decoder's condition."""
+
+    def __init__(self, args, settings, device: str):
+        from ldm.pipelines import UnCLIP
+        from ldm.systems import DiffusionPrior, LatentDiffusion, load_system
+
+        system = load_system(args.ckpt)
+        if not isinstance(system, LatentDiffusion):
+            raise TypeError(f"{args.ckpt} is a {type(system).__name__} run, not a latent-diffusion run "
+                            "(ldm sample needs a checkpoint of ldm.systems.LatentDiffusion)")
+        self.args, self.settings = args, settings
+        self.system = system.to(device)
+        self.unclip = None
+        if system.vector_cond in ("clip_image", "clip_text"):
+            prior = None
+            if args.prior:
+                prior = load_system(args.prior)
+                if not isinstance(prior, DiffusionPrior):
+                    raise TypeError(f"--prior {args.prior} is a {type(prior).__name__} run, not a diffusion-prior run")
+                prior = prior.to(device)
+            self.unclip = UnCLIP(self.system, prior, batch_size=args.batch_size, prior_best_of=args.prior_best_of,
+                                 prior_cfg=args.prior_cfg, prior_steps=args.prior_steps)
+        elif args.mode in UNCLIP_MODES:
+            raise ValueError(f"--mode {args.mode} needs a decoder conditioned on CLIP image embeddings "
+                             f"(configs/unclip/); {args.ckpt} is conditioned on {system.vector_cond or 'text'}")
+        elif args.prior:
+            raise ValueError("--prior drives a decoder conditioned on CLIP image embeddings; this run reads text")
+        self.clip = None
+        if args.clip:
+            self.clip = getattr(load_system(args.clip), "model", None)
+            if self.clip is None or not hasattr(self.clip, "encode_image"):
+                raise TypeError(f"--clip {args.clip} is not a contrastive (CLIP / SigLIP) run")
+
+    def pipe(self, prompts: Sequence[str] = ()):
+        """A text -> image pipeline for these prompts (unCLIP: their image embeddings, drawn once), with CLIP
+        guidance when asked."""
+        from ldm.pipelines import TextToImage
+        from ldm.pipelines.clip_guidance import ClipGuided
+
+        condition_fn = None
+        if self.unclip is not None:
+            emb = self.unclip.image_embeddings_for(list(prompts), seed=self.settings.seed)
+            condition_fn = self.unclip.decoder_pipeline(emb).condition_fn
+        if self.args.clip_guidance:
+            return ClipGuided(self.system, self.clip, scale=self.args.clip_guidance, noised=self.args.noised_clip,
+                              through_denoiser=self.args.clip_through_denoiser, batch_size=self.args.batch_size,
+                              condition_fn=condition_fn)
+        return TextToImage(self.system, batch_size=self.args.batch_size, condition_fn=condition_fn)
+
+
+def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
+    """(images (B, 3, H, W), captions, columns of the grid, extra record entries) of the chosen mode."""
+    import torch
+
+    from ldm.pipelines import img2img, inpaint, invert, reconstruct
+
+    args, settings, progress = job.args, job.settings, not job.args.quiet
+    images = read_images(args.image, size) if args.mode != "text" else None
+    if images is not None and len(images) < IMAGES_NEEDED[args.mode]:
+        raise ValueError(f"--mode {args.mode} needs {IMAGES_NEEDED[args.mode]} --image file(s), got {len(images)}")
+    if args.mode == "text":
+        expanded = [p for p in prompts for _ in range(args.n)]
+        out = job.pipe(expanded)(expanded, settings, image_size=size, progress=progress)
+        return out, expanded, (args.n if len(prompts) > 1 and args.n > 1 else None), {}
+    if args.mode == "variations":
+        out = job.unclip.variations(images[:1], args.n, settings, image_size=size)
+        return torch.cat([images[:1], out]), ["input"] + [f"variation {i + 1}" for i in range(args.n)], None, {}
+    if args.mode == "interpolate":
+        if args.frames < 2:
+            raise ValueError(f"--frames must be >= 2, got {args.frames}")
+        strip = job.unclip.interpolate(images[:1], images[1:2], args.frames, settings, image_size=size)
+        return strip, [f"t = {i / (args.frames - 1):.2f}" for i in range(args.frames)], args.frames, {}
+    if args.mode == "text-diff":
+        if not args.from_prompt or len(prompts) != 1:
+            raise ValueError("text-diff needs --from-prompt (a caption of the image) and one --prompt (the target)")
+        try:
+            amounts = [float(a) for a in args.amounts.split(",")]
+        except ValueError as e:
+            raise ValueError(f"--amounts {args.amounts!r}: give comma-separated numbers") from e
+        frames = job.unclip.text_diff(images[:1], args.from_prompt, prompts[0], amounts, settings, image_size=size,
+                                      progress=progress)
+        captions = [f"{a:.2f} toward '{prompts[0]}'" for a in amounts]
+        return (torch.cat([images[:1], frames]), ["input"] + captions, len(amounts) + 1,
+                {"from_prompt": args.from_prompt, "amounts": amounts})
+    # editing modes: one input image per prompt (or the one image for every prompt)
+    prompts = prompts or [""]
+    pairs = [(i % len(images), p) for p in prompts for i in range(len(images)) for _ in range(args.n)]
+    inputs = images[torch.tensor([i for i, _ in pairs])]
+    expanded = [p for _, p in pairs]
+    pipe = job.pipe(expanded)
+    if args.mode == "img2img":
+        out = img2img(pipe, inputs, expanded, settings, strength=args.strength)
+        return out, expanded, None, {"strength": args.strength}
+    if args.mode == "inpaint":
+        mask = read_mask(args, len(inputs), size)
+        out = inpaint(pipe, inputs, mask, expanded, settings)
+        shown = inputs * (1 - mask) + mask * torch.tensor([1.0, -1.0, 1.0]).reshape(1, 3, 1, 1)  # magenta = masked
+        return (torch.stack([x for pair in zip(shown, out) for x in pair]),
+                [c for p in expanded for c in ("input + mask", p)], 2, {"mask": args.mask, "mask_box": args.mask_box})
+    # invert: DDIM inversion, then deterministic DDIM back, per input
+    noise = invert(pipe, inputs, expanded, settings)
+    z = reconstruct(pipe, noise, expanded, settings, decode=False)
+    z0 = job.system.first_stage.encode(inputs.to(job.system.device))
+    errors = [float((a - b).norm() / b.norm()) for a, b in zip(z, z0)]
+    recon = job.system.first_stage.decode(z).clamp(-1, 1).cpu()
+    return (torch.stack([x for pair in zip(inputs, recon) for x in pair]),
+            [c for e in errors for c in ("input", f"reconstruction (latent error {e:.3f})")], 2,
+            {"latent_relative_error": errors})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        prompts = read_prompts(args)
+        prompts = read_prompts(args, required=args.mode in ("text", "text-diff"))
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
+        if args.mode != "text" and not args.image:
+            raise ValueError(f"--mode {args.mode} needs --image FILE")
+        if args.mode in ("variations", "interpolate") and args.clip_guidance:
+            raise ValueError(f"--clip-guidance applies to the text, img2img and inpaint modes, not {args.mode}")
         import torch
 
         from ldm.data.preview import caption_grid
         from ldm.data.transforms import to_pil
-        from ldm.pipelines import SamplerSettings, TextToImage
+        from ldm.pipelines import SamplerSettings
         from ldm.systems.loading import find_checkpoint, run_image_size
 
         settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
                                    eta=args.eta, rescale=args.rescale, spacing=args.spacing)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = TextToImage.from_checkpoint(args.ckpt, device=device, batch_size=args.batch_size)
+        job = Job(args, settings, device)
         size = args.size or run_image_size(args.ckpt)
         if not size:
             raise ValueError("cannot tell the image size from the run's config: pass --size")
-        expanded = [p for p in prompts for _ in range(args.n)]
-        images = pipe(expanded, settings, image_size=size, progress=not args.quiet)
+        images, captions, columns, extra = run_mode(job, prompts, size)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm sample: error: {e}", file=sys.stderr)
         return 2
@@ -92,25 +287,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
     files = []
-    for i, (image, prompt) in enumerate(zip(to_pil(images), expanded)):
-        path = folder / f"{i:03d}-{slug(prompt)}.png"
+    for i, (image, caption) in enumerate(zip(to_pil(images), captions)):
+        path = folder / f"{i:03d}-{slug(caption)}.png"
         image.save(path)
-        files.append({"file": str(path), "prompt": prompt, "seed": args.seed + i})
-    columns = args.n if len(prompts) > 1 and args.n > 1 else None
-    caption_grid(list(zip(to_pil(images), expanded)), cell=max(96, min(size, 256)), columns=columns).save(out)
+        files.append({"file": str(path), "caption": caption})
+    caption_grid(list(zip(to_pil(images), captions)), cell=max(96, min(size, 256)), columns=columns).save(out)
     if args.attention_maps:
         from ldm.pipelines.attention_maps import attention_maps, save_attention_figure
 
         try:
-            image, maps, words = attention_maps(pipe, prompts[0], settings, image_size=size)
+            if not prompts:
+                raise ValueError("--attention-maps needs a --prompt")
+            image, maps, words = attention_maps(job.pipe(prompts[:1]), prompts[0], settings, image_size=size)
         except ValueError as e:
             print(f"ldm sample: error: {e}", file=sys.stderr)
             return 2
         save_attention_figure(image, maps, words, out.with_name(out.stem + "_attention.png"), prompts[0])
-    record = {"checkpoint": str(find_checkpoint(args.ckpt)), "image_size": size, "prompts": prompts, "n": args.n,
-              "settings": settings.to_dict(), "grid": str(out), "images": files}
+    record = {"mode": args.mode, "checkpoint": str(find_checkpoint(args.ckpt)),
+              "prior": str(find_checkpoint(args.prior)) if args.prior else None, "image_size": size,
+              "prompts": prompts, "n": args.n, "inputs": args.image, "settings": settings.to_dict(),
+              "clip_guidance": {"scale": args.clip_guidance, "clip": args.clip, "noised": args.noised_clip,
+                                "through_denoiser": args.clip_through_denoiser} if args.clip_guidance else None,
+              **extra, "grid": str(out), "images": files}
+    if args.mode == "text":
+        for i, f in enumerate(files):
+            f["seed"] = args.seed + i
     out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out} ({len(files)} images in {folder}/, settings in {out.with_suffix('.json')})")
+    print(f"wrote {out} ({len(files)} images in {folder}/, record in {out.with_suffix('.json')})")
     return 0
 
 

@@ -56,8 +56,12 @@ def test_gradient_guidance_adds_sigma_squared_times_the_score_gradient():
     through = gradient_guidance(model, score, scale=0.7)(x, sigma)
     # d/dx score(D(x)) = -(D(x) - target) * dD/dx, dD/dx = 1 / (1 + sigma^2)
     assert torch.allclose(through, d + 0.7 * s2 * (-(d - target) / (1 + s2)), atol=1e-12)
-    at_x0 = gradient_guidance(model, score, scale=0.7, through_denoiser=False)(x, sigma)
+    at_x0 = gradient_guidance(model, score, scale=0.7, at="prediction")(x, sigma)
     assert torch.allclose(at_x0, d + 0.7 * s2 * (-(d - target)), atol=1e-12)
+    on_input = gradient_guidance(model, score, scale=0.7, at="input")(x, sigma)
+    assert torch.allclose(on_input, d + 0.7 * s2 * (-(x - target)), atol=1e-12)
+    with pytest.raises(ValueError, match="at must be"):
+        gradient_guidance(model, score, scale=0.7, at="x0")
 
 
 def test_condition_dropout():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ldm.data import ShardDataModule
 from ldm.pipelines import SamplerSettings, TextToImage, img2img, inpaint, invert, reconstruct
 from ldm.pipelines.editing import latent_mask
 from tests.conftest import run_ldm
+
+GUIDE_SCALE = 1000.0
 
 
 def _batch(shapes_dir, n=4):
@@ -75,3 +78,43 @@ def test_attention_maps_are_one_per_word_and_differ(ldm_run, tmp_path):
                    "--attention-maps", "--out", "s/grid.png"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "s/grid_attention.png").stat().st_size > 0
+
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+
+
+def test_clip_guidance_raises_the_clip_similarity_to_the_prompt(ldm_run):
+    from ldm.pipelines.clip_guidance import ClipGuided, clip_similarity
+
+    system = ldm_run.model.eval()
+    clip = system.text_encoder.model
+    settings = SamplerSettings(sampler="ddim", steps=10, cfg=1.0, seed=0)
+    plain = TextToImage(system)(PROMPTS, settings, image_size=32, progress=False)
+    assert torch.equal(ClipGuided(system, scale=0.0)(PROMPTS, settings, image_size=32, progress=False), plain)
+    before = clip_similarity(clip, plain, PROMPTS)
+    guided = ClipGuided(system, scale=GUIDE_SCALE)(PROMPTS, settings, image_size=32, progress=False)
+    after = clip_similarity(clip, guided, PROMPTS)
+    assert float(after.mean()) > float(before.mean()) + 0.05, (before, after)
+    through = ClipGuided(system, scale=GUIDE_SCALE, through_denoiser=True)(PROMPTS, settings, image_size=32,
+                                                                          progress=False)
+    assert float(clip_similarity(clip, through, PROMPTS).mean()) > float(before.mean()) + 0.05
+    with pytest.raises(ValueError, match="noised CLIP reads noisy pixels"):
+        ClipGuided(system, noised=True)
+
+
+def test_noised_clip_guidance_on_a_pixel_space_model(ldm_run):
+    """A pixel-space model (untrained) guided by a CLIP at the noisy input: the similarity rises."""
+    from ldm.diffusion import UNet
+    from ldm.pipelines.clip_guidance import ClipGuided, clip_similarity
+    from ldm.systems import LatentDiffusion
+
+    text_encoder = ldm_run.model.text_encoder
+    unet = UNet(in_channels=3, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], heads=2,
+                context_dim=text_encoder.width, groups=8)
+    system = LatentDiffusion(unet, text_encoder=text_encoder).eval()
+    settings = SamplerSettings(sampler="ddim", steps=8, cfg=1.0, seed=0)
+    plain = TextToImage(system)(PROMPTS, settings, image_size=32, progress=False)
+    guided = ClipGuided(system, scale=GUIDE_SCALE, noised=True)(PROMPTS, settings, image_size=32, progress=False)
+    clip = text_encoder.model
+    before, after = clip_similarity(clip, plain, PROMPTS), clip_similarity(clip, guided, PROMPTS)
+    assert float(after.mean()) > float(before.mean()) + 0.05, (before, after)
