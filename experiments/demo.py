@@ -11,16 +11,20 @@ through the training DataModule, trains the debug KL autoencoder on them with th
     reconstructions.png   validation images (top) and their reconstructions (bottom)
     autoencoder_curves.png  training loss and validation PSNR / SSIM over steps
     clip/                 the CLIP debug run folder (stage 2), retrieval and zero-shot in metrics.json
-    latents/              the shards encoded by the autoencoder (``ldm precompute latents``)
+    embeddings/           the shards with the CLIP's text / image embeddings added (``ldm precompute embeddings``)
+    latents/              those shards encoded by the autoencoder (``ldm precompute latents``)
     ldm/                  the debug latent-diffusion run folder (stage 4), trained on those latents
     ldm_curves.png        its training loss and fixed-noise validation loss over steps
     ldm_samples.png       a grid sampled with ``ldm sample`` for shapes prompts (+ ldm_samples/, ldm_samples.json)
+    ldm_samples_attention.png  the first prompt's cross-attention map per word
     eval/                 ``ldm eval`` of that run on validation captions: report.md / .html / .json, samples.png,
                           cfg_sweep.png (FD-CLIP, CLIP score and compositional accuracy; FID needs Inception weights)
-    metrics.json          counts, loader throughput, PSNR / SSIM, retrieval, diffusion losses
+    prior/                the debug diffusion-prior run folder (stage 3), trained on the embeddings
+    decoder/              the debug unCLIP decoder run folder, trained on the latents + image embeddings
+    unclip_samples.png    text -> prior -> decoder samples with ``ldm sample --prior``
+    interpolation.png     ``ldm sample --mode interpolate`` between two validation images (inputs/)
+    metrics.json          counts, loader throughput, PSNR / SSIM, retrieval, diffusion losses, prior vs no prior
     report.md             what was made, with the figures above
-
-The unCLIP prior extends this script.
 """
 
 from __future__ import annotations
@@ -178,10 +182,10 @@ def train_ldm(out: Path, latents: Path, ae_run: Path, clip_run: Path, size: int,
 
 
 def sample_ldm(out: Path, run: str) -> Path:
-    """`ldm sample` for the shapes prompts, as a user would."""
+    """`ldm sample` for the shapes prompts, as a user would, with the first prompt's attention maps per word."""
     grid = out / "ldm_samples.png"
     cmd = [ldm_command(), "sample", "--ckpt", run, "--n", "4", "--steps", "20", "--cfg", "3", "--seed", "0",
-           "--out", str(grid), "--quiet"]
+           "--out", str(grid), "--quiet", "--attention-maps"]
     for prompt in LDM_PROMPTS:
         cmd += ["--prompt", prompt]
     print("  $ " + " ".join(cmd[1:]))
@@ -198,6 +202,73 @@ def evaluate_ldm(out: Path, run: str, val_pattern: str, n: int) -> dict:
     print("  $ " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
     return json.loads((out / "eval" / "report.json").read_text())
+
+
+def precompute_embeddings(out: Path, clip_run: str, shards: Path) -> Path:
+    """`ldm precompute embeddings`: CLIP text / image embeddings and text-token features for the prior and decoder."""
+    emb = out / "embeddings"
+    shutil.rmtree(emb, ignore_errors=True)
+    cmd = [ldm_command(), "precompute", "embeddings", "--ckpt", clip_run, "--shards", f"{shards}/*-*.tar",
+           "--out", str(emb), "--quiet"]
+    print("  $ " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    return emb
+
+
+def train_prior(out: Path, emb: Path, steps: int) -> dict:
+    """`ldm fit` on the debug prior over the embedding shards; its last validation metrics against the baseline."""
+    run = out / "prior" / "demo"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [ldm_command(), "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/prior/debug.yaml"),
+           f"--data.train={emb}/train-*.tar", f"--data.val={emb}/val-*.tar", f"--trainer.max_steps={steps}",
+           "--trainer.max_epochs=-1", f"--trainer.val_check_interval={min(steps, 60)}", "--trainer.limit_val_batches=1.0",
+           "--trainer.enable_progress_bar=false", f"--run.root={out}", "--run.name=prior", "--run.version=demo",
+           "--run.tags=[demo]"]
+    print("  $ " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/cos_prior")]
+    last = rows[-1]
+    keys = ["val/loss", "val/cos_prior", "val/cos_text", "val/r1_prior", "val/r1_text"]
+    return {"run": str(run), "steps": steps, **{k.removeprefix("val/"): round(float(last[k]), 4) for k in keys}}
+
+
+def train_decoder(out: Path, latents: Path, ae_run: Path, clip_run: str, size: int, steps: int) -> dict:
+    """`ldm fit` on the debug unCLIP decoder (CLIP image embedding + caption tokens) over the latent shards."""
+    run = out / "decoder" / "demo"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [ldm_command(), "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/unclip/debug.yaml"),
+           f"--data.train={latents}/train-*.tar", f"--data.val={latents}/val-*.tar", f"--data.image_size={size}",
+           f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
+           f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", f"--trainer.max_steps={steps}",
+           "--trainer.max_epochs=-1", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=4",
+           "--trainer.enable_progress_bar=false", f"--run.root={out}", "--run.name=decoder", "--run.version=demo",
+           "--run.tags=[demo]"]
+    print("  $ " + " ".join(cmd[1:]))
+    subprocess.run(cmd, check=True)
+    val = [float(r["val/loss"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/loss")]
+    return {"run": str(run), "steps": steps, "val_loss_first": round(val[0], 4), "val_loss_last": round(val[-1], 4)}
+
+
+def sample_unclip(out: Path, decoder: str, prior: str, val_pattern: str, size: int) -> dict:
+    """`ldm sample` through the prior and the decoder, and an interpolation strip between two validation images."""
+    inputs = out / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    batch = next(iter(ShardDataModule(val=val_pattern, image_size=size, batch_size=8, num_workers=0).val_dataloader()))
+    pair = [inputs / "a.png", inputs / "b.png"]
+    for image, path in zip(batch["image"][[0, 5]], pair):
+        save_image((image + 1) / 2, path)
+    common = [ldm_command(), "sample", "--ckpt", decoder, "--steps", "20", "--quiet"]
+    runs = {
+        "unclip_samples": [*common, "--prior", prior, "--n", "4", "--cfg", "3", "--out", str(out / "unclip_samples.png"),
+                           *[a for p in LDM_PROMPTS for a in ("--prompt", p)]],
+        "interpolation": [*common, "--mode", "interpolate", "--image", str(pair[0]), "--image", str(pair[1]),
+                          "--frames", "8", "--sampler", "ddim", "--cfg", "3", "--out", str(out / "interpolation.png")],
+    }
+    for cmd in runs.values():
+        print("  $ " + " ".join(cmd[1:]))
+        subprocess.run(cmd, check=True)
+    return {**{name: str(out / f"{name}.png") for name in runs}, "inputs": [str(p) for p in pair],
+            "input_captions": [batch["text"][0], batch["text"][5]]}
 
 
 def plot_curves(run: Path, path: Path) -> None:
@@ -246,6 +317,8 @@ def main() -> None:
     p.add_argument("--clip-steps", type=int, default=310, help="CLIP training steps (5 epochs of 62; about 0.1 s each)")
     p.add_argument("--ldm-steps", type=int, default=400, help="latent-diffusion training steps (about 0.35 s each)")
     p.add_argument("--eval-n", type=int, default=100, help="validation captions generated for ldm eval")
+    p.add_argument("--prior-steps", type=int, default=300, help="diffusion-prior training steps (about 0.05 s each)")
+    p.add_argument("--decoder-steps", type=int, default=300, help="unCLIP decoder training steps (about 0.35 s each)")
     args = p.parse_args()
     out = Path(args.out)
     shards = out / "shards"
@@ -258,20 +331,20 @@ def main() -> None:
         print(f"{message}  [{time.time() - t0:.0f} s]", flush=True)
 
 
-    phase(f"[1/11] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
+    phase(f"[1/15] rendering {args.train} + {args.val} captioned scenes into {shards}/ "
           f"(ldm shards synthetic --kind shapes --out {shards} --train {args.train} --val {args.val} --size {args.size})")
     stats = write_synthetic_shards(shards, train=args.train, val=args.val, size=args.size, seed=args.seed,
                                    shard_size=1000, overwrite=True)
     train_pattern, val_pattern = stats["splits"]["train"]["pattern"], stats["splits"]["val"]["pattern"]
 
-    phase(f"[2/11] preview grid of validation samples -> {out / 'preview.png'}")
+    phase(f"[2/15] preview grid of validation samples -> {out / 'preview.png'}")
     write_preview(val_pattern, out / "preview.png", n=16)
 
-    phase(f"[3/11] attribute frequencies -> {out / 'attributes.png'}")
+    phase(f"[3/15] attribute frequencies -> {out / 'attributes.png'}")
     counts = attribute_counts(train_pattern)
     plot_attributes(counts, out / "attributes.png")
 
-    phase("[4/11] one training epoch and one validation pass through ShardDataModule (2 workers)")
+    phase("[4/15] one training epoch and one validation pass through ShardDataModule (2 workers)")
     dm = ShardDataModule(train=train_pattern, val=val_pattern, image_size=args.size, batch_size=64, num_workers=2)
     start = time.perf_counter()
     n_train = sum(len(b["key"]) for b in dm.train_dataloader())
@@ -280,21 +353,32 @@ def main() -> None:
     n_val = sum(int(b["valid"].sum()) for b in dm.val_dataloader())
     val_s = time.perf_counter() - start
 
-    phase(f"[5/11] training the debug KL autoencoder for {args.ae_steps} steps -> {out / 'autoencoder'}")
+    phase(f"[5/15] training the debug KL autoencoder for {args.ae_steps} steps -> {out / 'autoencoder'}")
     run = train_autoencoder(out, train_pattern, val_pattern, args.size, args.ae_steps)
     plot_curves(run, out / "autoencoder_curves.png")
-    phase(f"[6/11] reconstructing the validation split -> {out / 'reconstructions.png'}")
+    phase(f"[6/15] reconstructing the validation split -> {out / 'reconstructions.png'}")
     ae_metrics = evaluate_autoencoder(run, val_pattern, args.size, out)
-    phase(f"[7/11] training the debug CLIP for {args.clip_steps} steps -> {out / 'clip'}")
+    phase(f"[7/15] training the debug CLIP for {args.clip_steps} steps -> {out / 'clip'}")
     clip_metrics = train_clip(out, train_pattern, val_pattern, args.clip_steps)
-    phase(f"[8/11] encoding the shards with the autoencoder -> {out / 'latents'}")
-    latents = precompute_latents(out, run, shards)
-    phase(f"[9/11] training the debug latent diffusion for {args.ldm_steps} steps -> {out / 'ldm'}")
+    phase(f"[8/15] CLIP embeddings of the shards (for the prior and the decoder) -> {out / 'embeddings'}")
+    emb = precompute_embeddings(out, clip_metrics["run"], shards)
+    phase(f"[9/15] encoding those shards with the autoencoder -> {out / 'latents'}")
+    latents = precompute_latents(out, run, emb)
+    phase(f"[10/15] training the debug latent diffusion for {args.ldm_steps} steps -> {out / 'ldm'}")
     ldm_metrics = train_ldm(out, latents, run, Path(clip_metrics["run"]), args.size, args.ldm_steps)
-    phase(f"[10/11] sampling {len(LDM_PROMPTS)} prompts x 4 with ldm sample -> {out / 'ldm_samples.png'}")
+    phase(f"[11/15] sampling {len(LDM_PROMPTS)} prompts x 4 with ldm sample -> {out / 'ldm_samples.png'}, "
+          f"{out / 'ldm_samples_attention.png'}")
     sample_ldm(out, ldm_metrics["run"])
-    phase(f"[11/11] evaluating the latent diffusion on {args.eval_n} validation captions -> {out / 'eval'}")
+    phase(f"[12/15] evaluating the latent diffusion on {args.eval_n} validation captions -> {out / 'eval'}")
     evaluation = evaluate_ldm(out, ldm_metrics["run"], val_pattern, args.eval_n)
+
+    phase(f"[13/15] training the debug diffusion prior for {args.prior_steps} steps -> {out / 'prior'}")
+    prior_metrics = train_prior(out, emb, args.prior_steps)
+    phase(f"[14/15] training the debug unCLIP decoder for {args.decoder_steps} steps -> {out / 'decoder'}")
+    decoder_metrics = train_decoder(out, latents, run, clip_metrics["run"], args.size, args.decoder_steps)
+    phase(f"[15/15] text -> prior -> decoder samples and an interpolation strip -> {out / 'unclip_samples.png'}, "
+          f"{out / 'interpolation.png'}")
+    unclip = sample_unclip(out, decoder_metrics["run"], prior_metrics["run"], val_pattern, args.size)
 
     metrics = {
         "train_samples": stats["splits"]["train"]["samples"],
@@ -312,6 +396,9 @@ def main() -> None:
         "clip": clip_metrics,
         "ldm": ldm_metrics,
         "ldm_eval": evaluation,
+        "prior": prior_metrics,
+        "decoder": decoder_metrics,
+        "unclip": unclip,
         "seconds": round(time.time() - t0, 1),
         "step_started_at_s": timeline,
     }
@@ -385,6 +472,11 @@ run of `configs/ldm/shapes-kl-f4.yaml`.
 
 ![ldm samples](ldm_samples.png)
 
+Cross-attention maps of the first prompt, one per word (`--attention-maps`: the U-Net's cross-attention
+probabilities summed over layers, heads and sampling steps, upsampled and overlaid):
+
+![attention maps](ldm_samples_attention.png)
+
 ## Evaluation
 
 `ldm eval --ckpt {ldm_metrics['run']} --data '{val_pattern}' --n {args.eval_n} --steps 20 --cfg-sweep 1,3` on the first
@@ -396,6 +488,35 @@ The compositional rates come from the deterministic checker of `ldm/metrics/comp
 (1.0 on the renderer's own 64 px images). Full report: `eval/report.md`.
 
 ![eval samples](eval/samples.png)
+
+## Stage 3 and unCLIP: the diffusion prior and the CLIP-image-embedding decoder
+
+The shards' CLIP embeddings (`ldm precompute embeddings --ckpt {clip_metrics['run']}`; the latents above were
+encoded from these shards, so they carry the embeddings too). The debug prior (`configs/prior/debug.yaml`,
+a 4-layer causal transformer over [caption tokens, text embedding, time, noised image embedding, query],
+x0 prediction) trained {prior_metrics['steps']} steps; on all {n_val} validation scenes, its sampled image
+embedding against the true one, next to the "no prior" baseline that uses the text embedding itself
+(chance R@1 {1 / n_val:.3f}):
+
+| | cosine with the true image embedding | R@1 of the true image |
+|---|---:|---:|
+| prior (best of 2 draws) | {prior_metrics['cos_prior']} | {prior_metrics['r1_prior']} |
+| no prior (text embedding) | {prior_metrics['cos_text']} | {prior_metrics['r1_text']} |
+
+The unCLIP decoder (`configs/unclip/debug.yaml`: the debug U-Net conditioned on the CLIP image embedding,
+added to the timestep embedding and as 4 extra context tokens, plus the caption tokens) trained
+{decoder_metrics['steps']} steps on the latent shards; fixed-noise validation loss
+{decoder_metrics['val_loss_first']} after 100 steps, {decoder_metrics['val_loss_last']} at the end.
+
+Text -> prior -> decoder (`ldm sample --ckpt {decoder_metrics['run']} --prior {prior_metrics['run']} --n 4 --cfg 3 --prompt ...`):
+
+![unclip samples](unclip_samples.png)
+
+Interpolation between two validation images (`ldm sample --mode interpolate --image inputs/a.png
+--image inputs/b.png --frames 8`): slerp between their CLIP image embeddings, one shared decoder noise.
+The inputs' captions: "{unclip['input_captions'][0]}" and "{unclip['input_captions'][1]}".
+
+![interpolation](interpolation.png)
 """
     (out / "report.md").write_text(report)
     print(f"done in {metrics['seconds']} s: {out / 'report.md'}, {out / 'preview.png'}, {out / 'attributes.png'}, "

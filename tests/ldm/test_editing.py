@@ -118,3 +118,40 @@ def test_noised_clip_guidance_on_a_pixel_space_model(ldm_run):
     clip = text_encoder.model
     before, after = clip_similarity(clip, plain, PROMPTS), clip_similarity(clip, guided, PROMPTS)
     assert float(after.mean()) > float(before.mean()) + 0.05, (before, after)
+
+
+def test_sample_cli_editing_modes(ldm_run, shapes_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from ldm.data.transforms import to_pil
+    from ldm.tools.sample import main
+
+    monkeypatch.chdir(tmp_path)
+    images, _ = _batch(shapes_dir, n=2)
+    for i, image in enumerate(to_pil(images)):
+        image.save(tmp_path / f"in{i}.png")
+    common = ["--ckpt", str(ldm_run.run_dir), "--steps", "4", "--quiet"]
+    assert main([*common, "--mode", "img2img", "--image", "in0.png", "--prompt", "a red circle", "--n", "2",
+                 "--strength", "0.5", "--out", "a/grid.png"]) == 0
+    record = json.loads((tmp_path / "a/grid.json").read_text())
+    assert record["strength"] == 0.5 and len(record["images"]) == 2
+    assert main([*common, "--mode", "inpaint", "--image", "in0.png", "--image", "in1.png", "--mask-box", "0.5,0,1,1",
+                 "--prompt", "a blue square", "--out", "b/grid.png"]) == 0
+    assert len(json.loads((tmp_path / "b/grid.json").read_text())["images"]) == 4  # input + mask, result; x2
+    assert main([*common, "--mode", "invert", "--image", "in0.png", "--sampler", "ddim", "--steps", "30", "--cfg", "1",
+                 "--out", "c/grid.png"]) == 0
+    errors = json.loads((tmp_path / "c/grid.json").read_text())["latent_relative_error"]
+    assert len(errors) == 1 and errors[0] < 0.1, errors
+    assert main([*common, "--prompt", "a red circle", "--clip-guidance", "1000", "--out", "d/grid.png"]) == 0
+    assert json.loads((tmp_path / "d/grid.json").read_text())["clip_guidance"]["scale"] == 1000
+    # errors name what is wrong
+    assert main([*common, "--mode", "variations", "--image", "in0.png", "--out", "x.png"]) == 2
+    assert "needs a decoder conditioned on CLIP image embeddings" in capsys.readouterr().err
+    assert main([*common, "--mode", "inpaint", "--image", "in0.png", "--prompt", "x", "--out", "x.png"]) == 2
+    assert "--mask" in capsys.readouterr().err
+    assert main([*common, "--mode", "inpaint", "--image", "in0.png", "--mask-box", "0.5,0,0.2,1", "--out", "x.png"]) == 2
+    assert "left < right" in capsys.readouterr().err
+    assert main([*common, "--mode", "img2img", "--image", "missing.png", "--prompt", "x", "--out", "x.png"]) == 2
+    assert "missing.png: no such file" in capsys.readouterr().err
+    assert main([*common, "--prompt", "x", "--clip-guidance", "10", "--noised-clip", "--out", "x.png"]) == 2
+    assert "noised CLIP reads noisy pixels" in capsys.readouterr().err

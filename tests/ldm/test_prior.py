@@ -128,7 +128,8 @@ def test_unclip_decoder_configs_build_and_train_on_image_embeddings(config, deco
 
 @pytest.fixture(scope="module")
 def unclip(embeddings, decoder_shards, stage_runs, prior_run, tmp_path_factory):
-    """The unCLIP chain: the prior above and the debug decoder trained 40 steps on the same CLIP's embeddings."""
+    """The unCLIP chain: the prior above and the debug decoder trained 40 steps on the same CLIP's embeddings.
+    ``.runs`` holds the two run folders (for ``ldm sample``)."""
     from ldm.pipelines.unclip import UnCLIP
 
     clip_run = embeddings.parent / "clip-debug" / "v"
@@ -136,8 +137,12 @@ def unclip(embeddings, decoder_shards, stage_runs, prior_run, tmp_path_factory):
                    f"--data.val={decoder_shards}/val-*.tar", "--data.num_workers=0", "--data.batch_size=16",
                    "--data.image_size=32", f"--model.init_args.first_stage.init_args.checkpoint={stage_runs['ae']}",
                    f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.max_steps=40",
-                   "--trainer.limit_val_batches=0", f"--run.root={tmp_path_factory.mktemp('decoder')}"]).model.eval()
-    return UnCLIP(decoder, prior_run.model.eval(), prior_steps=5)
+                   "--trainer.limit_val_batches=0", f"--run.root={tmp_path_factory.mktemp('decoder')}"])
+    for cli in (decoder, prior_run):
+        cli.trainer.save_checkpoint(f"{cli.run_dir}/checkpoints/last.ckpt")
+    pipe = UnCLIP(decoder.model.eval(), prior_run.model.eval(), prior_steps=5)
+    pipe.runs = {"decoder": decoder.run_dir, "prior": prior_run.run_dir}
+    return pipe
 
 
 def _val_images(shapes_root, n=2):
@@ -209,3 +214,37 @@ def test_text_diff_starts_at_the_image_and_moves_with_the_amount(unclip, embeddi
     assert torch.allclose(path.norm(dim=-1), torch.ones(4), atol=1e-5) and torch.allclose(path[0], z_i, atol=1e-5)
     assert ((path @ z_d)[1:] > (path @ z_d)[:-1]).all() and ((path @ z_i)[1:] < (path @ z_i)[:-1]).all()
     assert torch.allclose(path[-1], z_d, atol=1e-5)
+
+
+def test_sample_cli_unclip_modes(unclip, embeddings, tmp_path, monkeypatch, capsys):
+    import json
+
+    from ldm.data.transforms import to_pil
+    from ldm.tools.sample import main
+
+    monkeypatch.chdir(tmp_path)
+    for i, image in enumerate(to_pil(_val_images(embeddings.parent / "shapes"))):
+        image.save(tmp_path / f"in{i}.png")
+    common = ["--ckpt", str(unclip.runs["decoder"]), "--steps", "3", "--quiet", "--sampler", "ddim"]
+    assert main([*common, "--prior", str(unclip.runs["prior"]), "--prior-steps", "3", "--prior-best-of", "2",
+                 "--prompt", "a red circle", "--prompt", "a blue square", "--n", "2", "--out", "t/grid.png"]) == 0
+    record = json.loads((tmp_path / "t/grid.json").read_text())
+    assert record["mode"] == "text" and record["prior"].endswith(".ckpt") and len(record["images"]) == 4
+    assert [i["seed"] for i in record["images"]] == [0, 1, 2, 3] and (tmp_path / "t/grid.png").stat().st_size > 0
+    assert main([*common, "--mode", "variations", "--image", "in0.png", "--n", "3", "--eta", "1",
+                 "--out", "v/grid.png"]) == 0
+    assert len(list((tmp_path / "v/grid").glob("*.png"))) == 4  # the input and 3 variations
+    assert main([*common, "--mode", "interpolate", "--image", "in0.png", "--image", "in1.png", "--frames", "3",
+                 "--out", "i/strip.png"]) == 0
+    assert [f["caption"] for f in json.loads((tmp_path / "i/strip.json").read_text())["images"]] == [
+        "t = 0.00", "t = 0.50", "t = 1.00"]
+    assert main([*common, "--mode", "text-diff", "--image", "in0.png", "--from-prompt", "a red circle",
+                 "--prompt", "a blue circle", "--amounts", "0,0.25,0.5", "--out", "d/strip.png"]) == 0
+    assert json.loads((tmp_path / "d/strip.json").read_text())["amounts"] == [0.0, 0.25, 0.5]
+    # errors name what is wrong
+    assert main([*common, "--mode", "interpolate", "--image", "in0.png", "--out", "x.png"]) == 2
+    assert "needs 2 --image" in capsys.readouterr().err
+    assert main([*common, "--mode", "text-diff", "--image", "in0.png", "--prompt", "a", "--out", "x.png"]) == 2
+    assert "--from-prompt" in capsys.readouterr().err
+    assert main([*common, "--prior", str(unclip.runs["decoder"]), "--prompt", "a", "--out", "x.png"]) == 2
+    assert "not a diffusion-prior run" in capsys.readouterr().err
