@@ -220,8 +220,9 @@ def train_prior(out: Path, emb: Path, steps: int) -> dict:
     run = out / "prior" / "demo"
     shutil.rmtree(run, ignore_errors=True)
     cmd = [ldm_command(), "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/prior/debug.yaml"),
-           f"--data.train={emb}/train-*.tar", f"--data.val={emb}/val-*.tar", f"--trainer.max_steps={steps}",
-           "--trainer.max_epochs=-1", f"--trainer.val_check_interval={min(steps, 60)}", "--trainer.limit_val_batches=1.0",
+           f"--data.train={emb}/train-*.tar", f"--data.val={emb}/val-*.tar", "--data.batch_size=32",
+           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0",
+           "--trainer.check_val_every_n_epoch=2", "--trainer.limit_val_batches=1.0",
            "--trainer.enable_progress_bar=false", f"--run.root={out}", "--run.name=prior", "--run.version=demo",
            "--run.tags=[demo]"]
     print("  $ " + " ".join(cmd[1:]))
@@ -233,15 +234,18 @@ def train_prior(out: Path, emb: Path, steps: int) -> dict:
 
 
 def train_decoder(out: Path, latents: Path, ae_run: Path, clip_run: str, size: int, steps: int) -> dict:
-    """`ldm fit` on the debug unCLIP decoder (CLIP image embedding + caption tokens) over the latent shards."""
+    """`ldm fit` on the debug unCLIP decoder over the latent shards, conditioned on the CLIP image embedding alone
+    (``text_context=false``: seed 004's setting; with the caption's tokens too, so short a run learns to read the
+    caption and ignores the embedding, and interpolations do not move)."""
     run = out / "decoder" / "demo"
     shutil.rmtree(run, ignore_errors=True)
     cmd = [ldm_command(), "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/unclip/debug.yaml"),
            f"--data.train={latents}/train-*.tar", f"--data.val={latents}/val-*.tar", f"--data.image_size={size}",
            f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
-           f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", f"--trainer.max_steps={steps}",
-           "--trainer.max_epochs=-1", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=4",
-           "--trainer.enable_progress_bar=false", f"--run.root={out}", "--run.name=decoder", "--run.version=demo",
+           f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--model.init_args.text_context=false",
+           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=100",
+           "--trainer.limit_val_batches=4", "--trainer.enable_progress_bar=false", f"--run.root={out}",
+           "--run.name=decoder", "--run.version=demo",
            "--run.tags=[demo]"]
     print("  $ " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
@@ -313,12 +317,13 @@ def main() -> None:
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ae-steps", type=int, default=450, help="autoencoder training steps (about 0.3 s each on CPU)")
+    p.add_argument("--ae-steps", type=int, default=400, help="autoencoder training steps (about 0.26 s each on CPU)")
     p.add_argument("--clip-steps", type=int, default=310, help="CLIP training steps (5 epochs of 62; about 0.1 s each)")
-    p.add_argument("--ldm-steps", type=int, default=400, help="latent-diffusion training steps (about 0.35 s each)")
+    p.add_argument("--ldm-steps", type=int, default=320, help="latent-diffusion training steps (about 0.35 s each)")
     p.add_argument("--eval-n", type=int, default=100, help="validation captions generated for ldm eval")
-    p.add_argument("--prior-steps", type=int, default=300, help="diffusion-prior training steps (about 0.05 s each)")
-    p.add_argument("--decoder-steps", type=int, default=300, help="unCLIP decoder training steps (about 0.35 s each)")
+    p.add_argument("--prior-steps", type=int, default=250, help="diffusion-prior training steps at batch 32 (about "
+                   "0.07 s each; validated once at the end, which must be an even number of epochs of 125 steps)")
+    p.add_argument("--decoder-steps", type=int, default=240, help="unCLIP decoder training steps (about 0.35 s each)")
     args = p.parse_args()
     out = Path(args.out)
     shards = out / "shards"
@@ -503,9 +508,9 @@ embedding against the true one, next to the "no prior" baseline that uses the te
 | prior (best of 2 draws) | {prior_metrics['cos_prior']} | {prior_metrics['r1_prior']} |
 | no prior (text embedding) | {prior_metrics['cos_text']} | {prior_metrics['r1_text']} |
 
-The unCLIP decoder (`configs/unclip/debug.yaml`: the debug U-Net conditioned on the CLIP image embedding,
-added to the timestep embedding and as 4 extra context tokens, plus the caption tokens) trained
-{decoder_metrics['steps']} steps on the latent shards; fixed-noise validation loss
+The unCLIP decoder (`configs/unclip/debug.yaml` with `--model.init_args.text_context=false`: the debug U-Net
+conditioned on the CLIP image embedding alone, added to the timestep embedding and as 4 context tokens; no
+caption tokens, seed 004's setting) trained {decoder_metrics['steps']} steps on the latent shards; fixed-noise validation loss
 {decoder_metrics['val_loss_first']} after 100 steps, {decoder_metrics['val_loss_last']} at the end.
 
 Text -> prior -> decoder (`ldm sample --ckpt {decoder_metrics['run']} --prior {prior_metrics['run']} --n 4 --cfg 3 --prompt ...`):

@@ -38,11 +38,10 @@ def attention_maps(pipe: TextToImage, prompt: str, settings: SamplerSettings, *,
     tokenizer = system.text_encoder.tokenizer
     ids = tokenizer([prompt])[0].tolist()
     end = ids.index(tokenizer.eot_token_id) if tokenizer.eot_token_id in ids else len(ids)
-    prefix = getattr(system, "embedding_tokens", 0)  # CLIP-embedding tokens come before the text tokens
-    positions = [prefix + p for p in range(1, end)]  # the words: after the start token, before the end token
-    words = [tokenizer.decode([ids[p - prefix]]).strip() for p in positions]
+    positions = list(range(1, end))  # the words: after the start token, before the end token
+    words = [tokenizer.decode([ids[p]]).strip() for p in positions]
     _, h, w = pipe.latent_shape(image_size)
-    total = torch.zeros(prefix + len(ids), h, w)
+    total = torch.zeros(len(ids) + getattr(system, "embedding_tokens", 0), h, w)  # CLIP-embedding tokens come last
 
     def probe(probs: Tensor) -> None:
         cond = probs[-1].float().mean(0)  # (N, T): the conditional branch (last in the guided batch), mean of heads

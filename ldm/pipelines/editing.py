@@ -3,7 +3,9 @@
 * :func:`img2img` (SDEdit, Meng et al. 2022): encode the image, noise it to the level reached
   after ``(1 - strength)`` of the sampling schedule, and sample the rest with the prompt.
 * :func:`inpaint`: sample from noise while the denoiser's prediction keeps the image's latent
-  outside the mask at every step (:func:`~ldm.diffusion.known_region_denoiser`); the last step
+  outside the mask at every step (:func:`~ldm.diffusion.known_region_denoiser`); a model trained
+  for inpainting (``LatentDiffusion(inpainting=True)``) also reads the masked latent and the mask
+  through its concat channels (:mod:`ldm.diffusion.inpainting`); the last step
   returns the known latent exactly, so outside the mask the result is the autoencoder's
   reconstruction of the input (up to the decoder's receptive field at the mask's edge).
 * :func:`invert` / :func:`reconstruct`: deterministic DDIM from the image's latent up to noise
@@ -35,8 +37,11 @@ from ldm.pipelines.text_to_image import (
 )
 
 
-def _denoiser(pipe: TextToImage, prompts: Sequence[str], settings: SamplerSettings):
-    cond = pipe.condition(prompts)
+def _denoiser(pipe: TextToImage, prompts: Sequence[str], settings: SamplerSettings, like: Tensor,
+              known: Tensor | None = None, mask: Tensor | None = None):
+    """(guided denoiser, condition) for the prompts; an inpainting-trained model also gets the known latents and
+    the mask (default: generate everything) in its concat channels."""
+    cond = pipe.with_task_input(pipe.condition(prompts), like, known, mask)
     return pipe.denoiser_for(prompts, cond, settings), cond
 
 
@@ -58,7 +63,7 @@ def img2img(pipe: TextToImage, images: Tensor, prompts: Sequence[str], settings:
     sigmas = sigmas[start:]
     noise = initial_noise(len(z0), z0.shape[1:], settings.seed).to(z0)
     x = z0 + sigmas[0] * noise  # the marginal at sigma_start around this image
-    model_fn, cond = _denoiser(pipe, prompts, settings)
+    model_fn, cond = _denoiser(pipe, prompts, settings, z0)
     return system.first_stage.decode(_sample(model_fn, x, sigmas, cond, settings)).clamp(-1, 1)
 
 
@@ -77,7 +82,7 @@ def inpaint(pipe: TextToImage, images: Tensor, mask: Tensor, prompts: Sequence[s
     m = latent_mask(mask.to(z0.device), z0.shape)  # (B, 1, h, w)
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(z0)
     x = initial_noise(len(z0), z0.shape[1:], settings.seed).to(z0) * system.precond.initial_noise_scale(sigmas[0]).to(z0)
-    model_fn, cond = _denoiser(pipe, prompts, settings)
+    model_fn, cond = _denoiser(pipe, prompts, settings, z0, known=z0, mask=m)  # the concat route, if trained
     z = _sample(known_region_denoiser(model_fn, z0, m), x, sigmas, cond, settings)
     return system.first_stage.decode(z).clamp(-1, 1) if decode else z
 
@@ -88,7 +93,7 @@ def invert(pipe: TextToImage, images: Tensor, prompts: Sequence[str], settings: 
     system = pipe.system
     z0 = system.first_stage.encode(images.to(system.device))
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(z0)
-    model_fn, cond = _denoiser(pipe, prompts, settings)
+    model_fn, cond = _denoiser(pipe, prompts, settings, z0)
     return invert_ddim(model_fn, z0, sigmas.flip(0), cond=cond)
 
 
@@ -98,6 +103,6 @@ def reconstruct(pipe: TextToImage, noise: Tensor, prompts: Sequence[str], settin
     """Deterministic DDIM from inverted noise: images (or latents with ``decode=False``)."""
     system = pipe.system
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(noise)
-    model_fn, cond = _denoiser(pipe, prompts, settings)
+    model_fn, cond = _denoiser(pipe, prompts, settings, noise)
     z = sample_ddim(model_fn, noise, sigmas, cond=cond)
     return system.first_stage.decode(z).clamp(-1, 1) if decode else z

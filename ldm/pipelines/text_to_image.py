@@ -109,13 +109,30 @@ class TextToImage:
         if self.condition_fn is not None:
             return self.condition_fn(prompts, start)
         system = self.system
-        if not system.uses_text:
-            return None
+        embeds = system.vector_cond in ("clip_image", "clip_text")
+        if not system.uses_text and not embeds:
+            return None  # an unconditional model
         if system.text_encoder is None:
-            raise ValueError("this model was trained on precomputed text features and has no text encoder to read "
-                             "prompts: set model.text_encoder in its config")
+            raise ValueError("this model was trained on precomputed text features or CLIP embeddings and has no text "
+                             "encoder to read prompts: set model.text_encoder in its config, or give the CLIP the "
+                             "embeddings came from (UnCLIP(text_encoder=...), ldm sample --clip RUN)")
         tokens = system.text_encoder.tokenizer(list(prompts)).to(system.device)
-        return system.condition({"tokens": tokens}) or None
+        batch = {"tokens": tokens}
+        if embeds:
+            # a decoder of CLIP embeddings reads a prompt through its CLIP text embedding (unCLIP without a
+            # prior, seed 004); UnCLIP with a prior passes sampled image embeddings through condition_fn
+            batch[system.vector_cond] = system.text_encoder(tokens)["pooled"]
+        return system.condition(batch) or None
+
+    def with_task_input(self, cond: dict[str, Tensor] | None, like: Tensor, known: Tensor | None = None,
+                        mask: Tensor | None = None) -> dict[str, Tensor] | None:
+        """For a model trained for inpainting (concat route): add its extra input. ``known`` (B, C, h, w) and
+        ``mask`` (B, 1, h, w), 1 = regenerate; without them the whole image is generated."""
+        if not getattr(self.system, "inpainting", False):
+            return cond
+        known = torch.zeros_like(like) if known is None else known
+        mask = torch.ones_like(like[:, :1]) if mask is None else mask
+        return self.system.with_inpainting_input(cond or {}, known, mask)
 
     def guided_denoiser(self, cond: dict[str, Tensor] | None, settings: SamplerSettings):
         """The system's denoiser, with classifier-free guidance at ``settings.cfg`` when there is a condition."""
@@ -151,13 +168,13 @@ class TextToImage:
         for c in range(chunks):
             lo = c * self.batch_size
             part = list(prompts[lo: lo + self.batch_size])
-            cond = self.condition(part, lo)
-            model_fn = self.denoiser_for(part, cond, settings)
             if x_init is not None:
                 x = x_init[lo: lo + len(part)].to(system.device)
             else:
                 x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
                 x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
+            cond = self.with_task_input(self.condition(part, lo), x)
+            model_fn = self.denoiser_for(part, cond, settings)
             gen = torch.Generator(system.device).manual_seed(settings.seed + index_offset + lo)
             desc = f"sampling {settings.sampler}" + (f" [{c + 1}/{chunks}]" if chunks > 1 else "")
             callback = progress_bar(desc) if progress else None

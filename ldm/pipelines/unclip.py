@@ -90,6 +90,16 @@ class UnCLIP:
 
         return TextToImage(self.decoder, batch_size=self.batch_size, condition_fn=condition)
 
+    def condition_through_prior(self, seed: int = 0):
+        """A :class:`TextToImage` ``condition_fn``: the prompts at ``start`` -> image embeddings drawn by the prior
+        with seed ``seed + start`` (the text embeddings without a prior) -> the decoder's condition. With it a plain
+        ``TextToImage`` (and so ``ldm eval`` and the evaluation callback) samples the whole unCLIP chain."""
+
+        def condition(part: Sequence[str], start: int) -> dict[str, Tensor]:
+            return self._decoder_condition(self.image_embeddings_for(part, seed=seed + start), part)
+
+        return condition
+
     @torch.no_grad()
     def decode(self, embeddings: Tensor, settings: SamplerSettings, *, image_size: int,
                prompts: Sequence[str] | None = None, progress: bool = False, x_init: Tensor | None = None) -> Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from ldm.autoencoder.first_stage import FirstStage, IdentityFirstStage
 from ldm.contrastive.text_encoder import FrozenTextEncoder
 from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner, drop_randomly
+from ldm.diffusion.inpainting import inpaint_concat, random_masks
 from ldm.systems.optim import Shared, trainable_with_warmup
 from ldm.systems.validation import log_fixed_noise_losses, validation_levels
 
@@ -68,6 +69,8 @@ class LatentDiffusion(L.LightningModule):
         embedding_tokens: project the ``y`` embedding (``clip_image`` / ``clip_text``) into this many extra
             context tokens (the unCLIP decoder uses 4); needs ``embedding_dim``.
         embedding_dim: width of that embedding.
+        inpainting: train the concat-channel inpainting route (:mod:`ldm.diffusion.inpainting`): the U-Net's
+            ``concat_channels`` must be the latent channels + 1; each sample gets a random mask.
     """
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage | None = None,
@@ -76,7 +79,7 @@ class LatentDiffusion(L.LightningModule):
                  sample_posterior: bool = False, optimizer: OptimizerCallable = _adamw, warmup_steps: int = 0,
                  val_timesteps: Sequence[int] = (100, 300, 500, 700, 900), val_sigmas: Sequence[float] | None = None,
                  val_seed: int = 0, text_context: bool = True, embedding_tokens: int = 0,
-                 embedding_dim: int | None = None):
+                 embedding_dim: int | None = None, inpainting: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "text_encoder", "precond", "loss"])
         if not 0.0 <= cond_drop <= 1.0:
@@ -100,6 +103,7 @@ class LatentDiffusion(L.LightningModule):
         else:
             self.embedding_proj = None
         self.embedding_tokens = embedding_tokens
+        self.inpainting = inpainting
         self.val_levels = validation_levels(self.precond, val_timesteps, val_sigmas)  # (names, sigmas)
         self._check_shapes()
 
@@ -113,6 +117,12 @@ class LatentDiffusion(L.LightningModule):
         if self.text_encoder is not None and context_dim is not None and context_dim != self.text_encoder.width:
             raise ValueError(f"unet.context_dim is {context_dim} but the text encoder's token features are "
                              f"{self.text_encoder.width} wide")
+        concat = getattr(self.unet, "concat_channels", 0)
+        if self.inpainting and concat != self.first_stage.latent_channels + 1:
+            raise ValueError(f"inpainting needs unet.concat_channels = latent channels + 1 = "
+                             f"{self.first_stage.latent_channels + 1}, got {concat}")
+        if concat and not self.inpainting:
+            raise ValueError(f"unet.concat_channels is {concat}, but nothing fills them: set inpainting: true")
         if self.vector_cond is not None and getattr(self.unet, "y_dim", 0) is None:
             raise ValueError(f"vector_cond is {self.vector_cond!r} but the U-Net has no y route (set unet y_dim)")
 
@@ -182,9 +192,18 @@ class LatentDiffusion(L.LightningModule):
         """(condition with each sample's condition nulled with probability cond_drop, the drop mask (B,))."""
         return drop_randomly(cond, self.cond_drop, generator)
 
+    def with_inpainting_input(self, cond: dict[str, Tensor], z: Tensor, mask: Tensor | None = None,
+                              generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """For an inpainting model: add the concat input for ``mask`` (B, 1, h, w) (default: random masks)."""
+        if not self.inpainting:
+            return cond
+        if mask is None:
+            mask = random_masks(len(z), *z.shape[-2:], generator=generator, device=z.device)
+        return {**cond, "concat": inpaint_concat(z, mask)}
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         z = self.latents(batch)  # (B, C, h, w)
-        cond = self.condition(batch)
+        cond = self.with_inpainting_input(self.condition(batch), z)
         if cond and self.cond_drop > 0:
             cond, drop = self.drop(cond)
             self.log("train/cond_dropped", drop.float().mean(), batch_size=len(z))
@@ -201,5 +220,6 @@ class LatentDiffusion(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         z = self.latents(batch)
         valid = batch.get("valid", torch.ones(len(z), dtype=torch.bool, device=z.device))
-        log_fixed_noise_losses(self, self.unet, z, self.condition(batch) or None, valid, batch_idx, self.val_levels,
-                               self.val_seed)
+        cond = self.with_inpainting_input(self.condition(batch), z,
+                                          generator=torch.Generator().manual_seed(self.val_seed + batch_idx))
+        log_fixed_noise_losses(self, self.unet, z, cond or None, valid, batch_idx, self.val_levels, self.val_seed)

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm eval", description="Evaluate a latent-diffusion run on validation captions.")
     p.add_argument("--ckpt", required=True, help="latent-diffusion run folder or a .ckpt in one")
     p.add_argument("--data", help="validation shard pattern (default: the run's data.val)")
+    p.add_argument("--prior", help="diffusion-prior run, for an unCLIP decoder: prompts -> prior -> decoder "
+                   "(without it a decoder reads the CLIP text embedding directly)")
     p.add_argument("--n", type=int, default=1000, help="number of captions / generated images")
     p.add_argument("--prompt-set", choices=["val", "binding"], default="val",
                    help="val: the validation captions of --data; binding: rendered two-object attribute-binding scenes "
@@ -85,6 +87,18 @@ def _weights_note(weights: str | None) -> str:
     return weights
 
 
+def _through_prior(pipe, prior_run: str, seed: int, device: str):
+    """The decoder's pipeline with prompts conditioned through the diffusion prior of ``prior_run``."""
+    from ldm.pipelines import TextToImage, UnCLIP
+    from ldm.systems import DiffusionPrior, load_system
+
+    prior = load_system(prior_run)
+    if not isinstance(prior, DiffusionPrior):
+        raise TypeError(f"--prior {prior_run} is a {type(prior).__name__} run, not a diffusion-prior run")
+    unclip = UnCLIP(pipe.system, prior.to(device), batch_size=pipe.batch_size)
+    return TextToImage(pipe.system, batch_size=pipe.batch_size, condition_fn=unclip.condition_through_prior(seed))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -102,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfgs = [float(c) for c in args.cfg_sweep.split(",")] if args.cfg_sweep else [args.cfg]
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         pipe = TextToImage.from_checkpoint(args.ckpt, device=device, batch_size=args.batch_size)
+        if args.prior:
+            pipe = _through_prior(pipe, args.prior, args.seed, device)
         size = args.size or run_image_size(args.ckpt)
         data_cfg = (run_config(args.ckpt).get("data") or {}).get("init_args") or {}
         if args.prompt_set == "val" and not args.data and data_cfg.get("decode_images") is False:
@@ -143,7 +159,8 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
     k = min(args.grid, len(main.images))
     grid = list(zip(to_pil(main.images[:k]), main.labels(evalset, k), strict=True))
     caption_grid(grid, cell=128, caption_lines=7).save(out / "samples.png")
-    record = {"checkpoint": checkpoint, "data": data, "n": len(evalset), "image_size": evalset.image_size,
+    record = {"checkpoint": checkpoint, "prior": args.prior, "data": data, "n": len(evalset),
+              "image_size": evalset.image_size,
               "inception_weights": weights_note, "clip_scorer": scorer_note, "grid_cfg": main_settings.cfg,
               "results": [{"settings": s.to_dict(), "metrics": r.metrics} for s, r in results]}
     (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-box", help="inpaint: the box to regenerate as fractions left,top,right,bottom (0.5,0,1,1)")
     g = p.add_argument_group("CLIP guidance (text, img2img, inpaint)")
     g.add_argument("--clip-guidance", type=float, default=0.0, help="CLIP guidance scale (0 = off)")
-    g.add_argument("--clip", help="contrastive run that guides (default: the run's own text encoder's CLIP)")
+    g.add_argument("--clip", help="contrastive run that guides (default: the run's own text encoder's CLIP); for an "
+                   "unCLIP decoder without a text encoder, also the CLIP that reads the prompts and images")
     g.add_argument("--noised-clip", action="store_true",
                    help="the CLIP was trained on noised images: score the noisy sample (pixel-space runs)")
     g.add_argument("--clip-through-denoiser", action="store_true",
@@ -147,6 +148,7 @@ class Job:
     """The loaded run(s) and how prompts become the decoder's condition."""
 
     def __init__(self, args, settings, device: str):
+        from ldm.contrastive import FrozenTextEncoder
         from ldm.pipelines import UnCLIP
         from ldm.systems import DiffusionPrior, LatentDiffusion, load_system
 
@@ -164,8 +166,15 @@ class Job:
                 if not isinstance(prior, DiffusionPrior):
                     raise TypeError(f"--prior {args.prior} is a {type(prior).__name__} run, not a diffusion-prior run")
                 prior = prior.to(device)
-            self.unclip = UnCLIP(self.system, prior, batch_size=args.batch_size, prior_best_of=args.prior_best_of,
-                                 prior_cfg=args.prior_cfg, prior_steps=args.prior_steps)
+            text_encoder = None
+            if system.text_encoder is None:  # an image-embedding-only decoder: prompts need the CLIP
+                if not args.clip:
+                    raise ValueError(f"{args.ckpt} has no text encoder to read prompts or embed images: give --clip, "
+                                     "the contrastive run its embeddings came from")
+                text_encoder = FrozenTextEncoder(checkpoint=args.clip).to(device)
+            self.unclip = UnCLIP(self.system, prior, text_encoder=text_encoder, batch_size=args.batch_size,
+                                 prior_best_of=args.prior_best_of, prior_cfg=args.prior_cfg,
+                                 prior_steps=args.prior_steps)
         elif args.mode in UNCLIP_MODES:
             raise ValueError(f"--mode {args.mode} needs a decoder conditioned on CLIP image embeddings "
                              f"(configs/unclip/); {args.ckpt} is conditioned on {system.vector_cond or 'text'}")
@@ -177,16 +186,12 @@ class Job:
             if self.clip is None or not hasattr(self.clip, "encode_image"):
                 raise TypeError(f"--clip {args.clip} is not a contrastive (CLIP / SigLIP) run")
 
-    def pipe(self, prompts: Sequence[str] = ()):
-        """A text -> image pipeline for these prompts (unCLIP: their image embeddings, drawn once), with CLIP
-        guidance when asked."""
+    def pipe(self):
+        """The text -> image pipeline (unCLIP: prompts -> prior -> decoder), with CLIP guidance when asked."""
         from ldm.pipelines import TextToImage
         from ldm.pipelines.clip_guidance import ClipGuided
 
-        condition_fn = None
-        if self.unclip is not None:
-            emb = self.unclip.image_embeddings_for(list(prompts), seed=self.settings.seed)
-            condition_fn = self.unclip.decoder_pipeline(emb).condition_fn
+        condition_fn = self.unclip.condition_through_prior(self.settings.seed) if self.unclip is not None else None
         if self.args.clip_guidance:
             return ClipGuided(self.system, self.clip, scale=self.args.clip_guidance, noised=self.args.noised_clip,
                               through_denoiser=self.args.clip_through_denoiser, batch_size=self.args.batch_size,
@@ -206,7 +211,7 @@ def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
         raise ValueError(f"--mode {args.mode} needs {IMAGES_NEEDED[args.mode]} --image file(s), got {len(images)}")
     if args.mode == "text":
         expanded = [p for p in prompts for _ in range(args.n)]
-        out = job.pipe(expanded)(expanded, settings, image_size=size, progress=progress)
+        out = job.pipe()(expanded, settings, image_size=size, progress=progress)
         return out, expanded, (args.n if len(prompts) > 1 and args.n > 1 else None), {}
     if args.mode == "variations":
         out = job.unclip.variations(images[:1], args.n, settings, image_size=size)
@@ -233,7 +238,7 @@ def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
     pairs = [(i % len(images), p) for p in prompts for i in range(len(images)) for _ in range(args.n)]
     inputs = images[torch.tensor([i for i, _ in pairs])]
     expanded = [p for _, p in pairs]
-    pipe = job.pipe(expanded)
+    pipe = job.pipe()
     if args.mode == "img2img":
         out = img2img(pipe, inputs, expanded, settings, strength=args.strength)
         return out, expanded, None, {"strength": args.strength}
@@ -298,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if not prompts:
                 raise ValueError("--attention-maps needs a --prompt")
-            image, maps, words = attention_maps(job.pipe(prompts[:1]), prompts[0], settings, image_size=size)
+            image, maps, words = attention_maps(job.pipe(), prompts[0], settings, image_size=size)
         except ValueError as e:
             print(f"ldm sample: error: {e}", file=sys.stderr)
             return 2

@@ -33,3 +33,23 @@ def test_vp_input_is_the_training_noise_at_the_sampler_level():
     a = 1 / (1 + sigma**2)  # alpha_bar of the variance-preserving form
     expected = a.sqrt().reshape(-1, 1, 1, 1) * x0 + (1 - a).sqrt().reshape(-1, 1, 1, 1) * eps
     assert torch.allclose(vp_input(x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma), expected, atol=1e-6)
+
+
+def test_contrastive_system_trains_a_noised_clip(shapes_dir):
+    """``noised_fraction`` reaches the training step: the same batch gives another loss than without noise."""
+    from ldm.cli import LDMCLI
+    from tests.conftest import REPO
+
+    base = ["-c", str(REPO / "configs/data/shapes.yaml"), "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
+            f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0",
+            "--data.image_size=32"]
+    cli = LDMCLI(args=[*base, "--model.init_args.noised_fraction=1.0"], run=False)
+    system = cli.model
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    torch.manual_seed(0)
+    noised = system.training_step(batch, 0)
+    system.noised_fraction = 0.0
+    clean = system.training_step(batch, 0)
+    assert torch.isfinite(noised) and not torch.allclose(noised, clean)
+    with pytest.raises(ValueError, match="noised_fraction"):
+        LDMCLI(args=[*base, "--model.init_args.noised_fraction=2"], run=False)

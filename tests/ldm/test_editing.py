@@ -8,9 +8,11 @@ import torch
 from ldm.data import ShardDataModule
 from ldm.pipelines import SamplerSettings, TextToImage, img2img, inpaint, invert, reconstruct
 from ldm.pipelines.editing import latent_mask
-from tests.conftest import run_ldm
+from tests.conftest import REPO, run_ldm
 
 GUIDE_SCALE = 1000.0
+INPAINT_STEPS = 150
+INPAINT_RATIO = 0.85  # measured 0.73 (150 steps, sigma 0.5); an untrained model gives exactly 1
 
 
 def _batch(shapes_dir, n=4):
@@ -155,3 +157,60 @@ def test_sample_cli_editing_modes(ldm_run, shapes_dir, tmp_path, monkeypatch, ca
     assert "missing.png: no such file" in capsys.readouterr().err
     assert main([*common, "--prompt", "x", "--clip-guidance", "10", "--noised-clip", "--out", "x.png"]) == 2
     assert "noised CLIP reads noisy pixels" in capsys.readouterr().err
+
+
+def test_random_inpainting_masks():
+    from ldm.diffusion.inpainting import inpaint_concat, random_masks
+
+    masks = random_masks(400, 8, 8, p_full=0.25, generator=torch.Generator().manual_seed(0))
+    assert masks.shape == (400, 1, 8, 8) and set(masks.unique().tolist()) == {0.0, 1.0}
+    full = (masks.flatten(1) == 1).all(1)
+    assert abs(float(full.float().mean()) - 0.25) < 0.06
+    covered = masks[~full].flatten(1).mean(1)  # one box of 2-6 x 2-6 latents out of 8 x 8
+    assert float(covered.min()) >= 4 / 64 and float(covered.max()) <= 36 / 64
+    z = torch.randn(400, 4, 8, 8)
+    concat = inpaint_concat(z, masks)
+    assert concat.shape == (400, 5, 8, 8) and torch.equal(concat[:, 4:], masks)
+    assert torch.equal(concat[:, :4], z * (1 - masks))
+
+
+def test_inpainting_model_reads_the_known_region_through_its_concat_channels(shapes_dir, stage_runs, tmp_path):
+    from tests.ldm.conftest import DEBUG, fit, stage_args
+
+    cli = fit(["-c", *DEBUG, "-c", str(REPO / "configs/ldm/debug-inpaint.yaml"), *stage_args(stage_runs),
+               f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0",
+               "--data.batch_size=16", f"--trainer.max_steps={INPAINT_STEPS}", "--trainer.max_epochs=-1",
+               "--trainer.limit_val_batches=0", "--trainer.callbacks=[]", f"--run.root={tmp_path}"])
+    system = cli.model.eval()
+    pipe = TextToImage(system)
+    images, prompts = _batch(shapes_dir)
+    z0 = system.first_stage.encode(images)
+    mask = torch.zeros(len(images), 1, 32, 32)
+    mask[..., :, 16:] = 1
+    m = latent_mask(mask, z0.shape)
+    # the prediction of the known half is closer to the known latents when the concat channels hold them than
+    # when they say "generate everything" (at sigma 0.5; after 150 steps there is no gain yet at sigma >= 2)
+    sigma = torch.full((len(z0),), 0.5)
+    x = z0 + 0.5 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    cond = pipe.condition(prompts)
+    with torch.no_grad():
+        informed = system.denoiser()(x, sigma, pipe.with_task_input(cond, z0, z0, m))
+        blind = system.denoiser()(x, sigma, pipe.with_task_input(cond, z0))
+    err = lambda d: float(((d - z0) * (1 - m)).pow(2).sum() / (1 - m).expand_as(z0).sum())  # noqa: E731
+    assert err(informed) < INPAINT_RATIO * err(blind), (err(informed), err(blind))
+    settings = SamplerSettings(sampler="ddim", steps=8, cfg=2.0, seed=0)
+    z = inpaint(pipe, images, mask, prompts, settings, decode=False)
+    assert torch.allclose(z * (1 - m), z0 * (1 - m), atol=1e-6)
+    assert pipe(prompts[:2], settings, image_size=32, progress=False).shape == (2, 3, 32, 32)  # text -> image too
+
+
+def test_inpainting_settings_are_checked(shapes_dir, stage_runs):
+    from ldm.cli import LDMCLI
+    from tests.ldm.conftest import DEBUG, stage_args
+
+    base = ["-c", *DEBUG, "-c", str(REPO / "configs/ldm/debug-inpaint.yaml"), *stage_args(stage_runs),
+            f"--data.train={shapes_dir}/train-*.tar"]
+    with pytest.raises(ValueError, match="nothing fills them: set inpainting: true"):
+        LDMCLI(args=[*base, "--model.init_args.inpainting=false"], run=False)
+    with pytest.raises(ValueError, match="concat_channels = latent channels \\+ 1 = 5, got 4"):
+        LDMCLI(args=[*base, "--model.init_args.unet.init_args.concat_channels=4"], run=False)

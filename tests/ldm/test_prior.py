@@ -124,6 +124,11 @@ def test_unclip_decoder_configs_build_and_train_on_image_embeddings(config, deco
         losses.append(float(loss))
     assert losses[-1] < losses[0]
     assert system.embedding_proj.weight.grad is not None  # the projection is trained with the U-Net
+    if system.text_encoder is None:  # image-embedding only: prompts need the CLIP the embeddings came from
+        from ldm.pipelines import TextToImage
+
+        with pytest.raises(ValueError, match="ldm sample --clip RUN"):
+            TextToImage(system).condition(["a red circle"])
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +171,12 @@ def test_unclip_text_to_image_through_the_prior_and_directly(unclip):
     finally:
         unclip.prior = prior
     assert direct.shape == through_prior.shape and not torch.allclose(direct, through_prior)
+    # a plain TextToImage on the decoder (what SampleLogger, ldm eval and ldm sample without --prior use)
+    # reads prompts the same way: the CLIP text embedding as the image embedding
+    from ldm.pipelines import TextToImage
+
+    assert torch.allclose(TextToImage(unclip.decoder)(prompts, settings, image_size=32, progress=False), direct,
+                          atol=1e-5)
 
 
 def test_interpolation_ends_are_the_images_own_decodings(unclip, embeddings):
@@ -241,6 +252,14 @@ def test_sample_cli_unclip_modes(unclip, embeddings, tmp_path, monkeypatch, caps
     assert main([*common, "--mode", "text-diff", "--image", "in0.png", "--from-prompt", "a red circle",
                  "--prompt", "a blue circle", "--amounts", "0,0.25,0.5", "--out", "d/strip.png"]) == 0
     assert json.loads((tmp_path / "d/strip.json").read_text())["amounts"] == [0.0, 0.25, 0.5]
+    # ldm eval samples the whole chain too
+    from ldm.tools.evaluate import main as evaluate
+
+    assert evaluate(["--ckpt", str(unclip.runs["decoder"]), "--prior", str(unclip.runs["prior"]), "--data",
+                     f"{embeddings.parent}/shapes/val-*.tar", "--n", "6", "--steps", "3", "--no-clip", "--quiet",
+                     "--out", "e"]) == 0
+    report = json.loads((tmp_path / "e/report.json").read_text())
+    assert report["prior"] == str(unclip.runs["prior"]) and "compositional/count" in report["results"][0]["metrics"]
     # errors name what is wrong
     assert main([*common, "--mode", "interpolate", "--image", "in0.png", "--out", "x.png"]) == 2
     assert "needs 2 --image" in capsys.readouterr().err
