@@ -26,6 +26,7 @@ from ldm.diffusion import (
     SAMPLERS,
     invert_ddim,
     known_region_denoiser,
+    progress_bar,
 )
 from ldm.diffusion.samplers import sample_ddim
 from ldm.pipelines.text_to_image import (
@@ -45,14 +46,20 @@ def _denoiser(pipe: TextToImage, prompts: Sequence[str], settings: SamplerSettin
     return pipe.denoiser_for(prompts, cond, settings), cond
 
 
-def _sample(model_fn, x: Tensor, sigmas: Tensor, cond, settings: SamplerSettings) -> Tensor:
+def _bar(progress: bool, desc: str):
+    return progress_bar(desc) if progress else None
+
+
+def _sample(model_fn, x: Tensor, sigmas: Tensor, cond, settings: SamplerSettings, progress: bool = False,
+            desc: str = "sampling") -> Tensor:
     gen = torch.Generator(x.device).manual_seed(settings.seed)
-    return SAMPLERS[settings.sampler](model_fn, x, sigmas, cond=cond, generator=gen, **sampler_options(settings))
+    return SAMPLERS[settings.sampler](model_fn, x, sigmas, cond=cond, generator=gen, callback=_bar(progress, desc),
+                                      **sampler_options(settings))
 
 
 @torch.no_grad()
 def img2img(pipe: TextToImage, images: Tensor, prompts: Sequence[str], settings: SamplerSettings,
-            strength: float = 0.6) -> Tensor:
+            strength: float = 0.6, progress: bool = False) -> Tensor:
     """SDEdit: ``strength`` 0 returns the (reconstructed) input, 1 samples from pure noise."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -64,7 +71,7 @@ def img2img(pipe: TextToImage, images: Tensor, prompts: Sequence[str], settings:
     noise = initial_noise(len(z0), z0.shape[1:], settings.seed).to(z0)
     x = z0 + sigmas[0] * noise  # the marginal at sigma_start around this image
     model_fn, cond = _denoiser(pipe, prompts, settings, z0)
-    return system.first_stage.decode(_sample(model_fn, x, sigmas, cond, settings)).clamp(-1, 1)
+    return system.first_stage.decode(_sample(model_fn, x, sigmas, cond, settings, progress, "img2img")).clamp(-1, 1)
 
 
 def latent_mask(mask: Tensor, shape: Sequence[int]) -> Tensor:
@@ -75,7 +82,7 @@ def latent_mask(mask: Tensor, shape: Sequence[int]) -> Tensor:
 
 @torch.no_grad()
 def inpaint(pipe: TextToImage, images: Tensor, mask: Tensor, prompts: Sequence[str], settings: SamplerSettings,
-            decode: bool = True) -> Tensor:
+            decode: bool = True, progress: bool = False) -> Tensor:
     """Regenerate the masked pixels (mask 1) for the prompts; keep the rest (latents with ``decode=False``)."""
     system = pipe.system
     z0 = system.first_stage.encode(images.to(system.device))
@@ -83,26 +90,27 @@ def inpaint(pipe: TextToImage, images: Tensor, mask: Tensor, prompts: Sequence[s
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(z0)
     x = initial_noise(len(z0), z0.shape[1:], settings.seed).to(z0) * system.precond.initial_noise_scale(sigmas[0]).to(z0)
     model_fn, cond = _denoiser(pipe, prompts, settings, z0, known=z0, mask=m)  # the concat route, if trained
-    z = _sample(known_region_denoiser(model_fn, z0, m), x, sigmas, cond, settings)
+    z = _sample(known_region_denoiser(model_fn, z0, m), x, sigmas, cond, settings, progress, "inpainting")
     return system.first_stage.decode(z).clamp(-1, 1) if decode else z
 
 
 @torch.no_grad()
-def invert(pipe: TextToImage, images: Tensor, prompts: Sequence[str], settings: SamplerSettings) -> Tensor:
+def invert(pipe: TextToImage, images: Tensor, prompts: Sequence[str], settings: SamplerSettings,
+           progress: bool = False) -> Tensor:
     """The noise latents (B, C, h, w) that deterministic DDIM with these prompts maps back to the images."""
     system = pipe.system
     z0 = system.first_stage.encode(images.to(system.device))
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(z0)
     model_fn, cond = _denoiser(pipe, prompts, settings, z0)
-    return invert_ddim(model_fn, z0, sigmas.flip(0), cond=cond)
+    return invert_ddim(model_fn, z0, sigmas.flip(0), cond=cond, callback=_bar(progress, "DDIM inversion"))
 
 
 @torch.no_grad()
 def reconstruct(pipe: TextToImage, noise: Tensor, prompts: Sequence[str], settings: SamplerSettings,
-                decode: bool = True) -> Tensor:
+                decode: bool = True, progress: bool = False) -> Tensor:
     """Deterministic DDIM from inverted noise: images (or latents with ``decode=False``)."""
     system = pipe.system
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(noise)
     model_fn, cond = _denoiser(pipe, prompts, settings, noise)
-    z = sample_ddim(model_fn, noise, sigmas, cond=cond)
+    z = sample_ddim(model_fn, noise, sigmas, cond=cond, callback=_bar(progress, "DDIM reconstruction"))
     return system.first_stage.decode(z).clamp(-1, 1) if decode else z

@@ -116,27 +116,29 @@ class UnCLIP:
         return self.decode(embeddings, settings, image_size=image_size, prompts=prompts, progress=progress)
 
     # -- embedding-space edits (DALL-E 2, sec. 3) -----------------------------------------------
-    def variations(self, image: Tensor, n: int, settings: SamplerSettings, *, image_size: int) -> Tensor:
+    def variations(self, image: Tensor, n: int, settings: SamplerSettings, *, image_size: int,
+                   progress: bool = False) -> Tensor:
         """n variations of one image (1, 3, H, W): its CLIP embedding decoded with n seeds (use eta > 0 with DDIM)."""
         emb = self.encode_images(image)[:1].expand(n, -1)
-        return self.decode(emb, settings, image_size=image_size)
+        return self.decode(emb, settings, image_size=image_size, progress=progress)
 
     def interpolate(self, image_a: Tensor, image_b: Tensor, frames: int, settings: SamplerSettings, *,
-                    image_size: int) -> Tensor:
+                    image_size: int, progress: bool = False) -> Tensor:
         """A strip of ``frames`` images along the slerp between two images' embeddings, one shared decoder noise."""
         a, b = self.encode_images(image_a)[:1], self.encode_images(image_b)[:1]
         ts = [i / (frames - 1) for i in range(frames)] if frames > 1 else [0.0]
         embeddings = torch.cat([slerp(a, b, t) for t in ts])
         out = []
         for i in range(frames):  # each frame alone with the same seed: the same decoder noise for all
-            out.append(self.decode(embeddings[i: i + 1], settings, image_size=image_size))
+            out.append(self.decode(embeddings[i: i + 1], settings, image_size=image_size, progress=progress))
         return torch.cat(out)
 
     @torch.no_grad()
-    def invert(self, image: Tensor, settings: SamplerSettings) -> Tensor:
+    def invert(self, image: Tensor, settings: SamplerSettings, progress: bool = False) -> Tensor:
         """The decoder's DDIM-inverted noise latent (1, C, h, w) of one image, conditioned on its own embedding."""
         emb = self.encode_images(image)[:1]
-        return invert(self.decoder_pipeline(emb), image[:1], [""], replace(settings, sampler="ddim", eta=0.0))
+        return invert(self.decoder_pipeline(emb), image[:1], [""], replace(settings, sampler="ddim", eta=0.0),
+                      progress=progress)
 
     @torch.no_grad()
     def text_diff_embeddings(self, image: Tensor, old_prompt: str, new_prompt: str,
@@ -157,7 +159,7 @@ class UnCLIP:
         beyond that the image's content is mostly lost.)
         """
         ddim = replace(settings, sampler="ddim", eta=0.0)
-        x_t = self.invert(image, ddim)
+        x_t = self.invert(image, ddim, progress)
         embeddings = self.text_diff_embeddings(image, old_prompt, new_prompt, amounts)
         return self.decode(embeddings, ddim, image_size=image_size, progress=progress,
                            x_init=x_t.expand(len(embeddings), *x_t.shape[1:]))

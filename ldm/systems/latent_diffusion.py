@@ -172,7 +172,10 @@ class LatentDiffusion(L.LightningModule):
             if self.vector_cond not in batch:
                 raise ValueError(f"vector_cond {self.vector_cond!r}: the batch has no {self.vector_cond} "
                                  "(precompute embeddings into the shards)")
-            cond["y"] = batch[self.vector_cond]
+            y = batch[self.vector_cond]
+            # unit-norm CLIP embeddings have entries of about 1 / sqrt(D): scale them to unit variance per entry
+            # (as the prior's target), or the vector route and embedding tokens see a signal too small to learn from
+            cond["y"] = y * y.shape[-1] ** 0.5 if self.vector_cond in ("clip_image", "clip_text") else y
         if self.embedding_proj is not None:
             y = cond["y"]
             tokens = self.embedding_proj(y.to(self.embedding_proj.weight.dtype)).reshape(len(y), self.embedding_tokens, -1)

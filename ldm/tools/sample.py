@@ -214,12 +214,13 @@ def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
         out = job.pipe()(expanded, settings, image_size=size, progress=progress)
         return out, expanded, (args.n if len(prompts) > 1 and args.n > 1 else None), {}
     if args.mode == "variations":
-        out = job.unclip.variations(images[:1], args.n, settings, image_size=size)
+        out = job.unclip.variations(images[:1], args.n, settings, image_size=size, progress=progress)
         return torch.cat([images[:1], out]), ["input"] + [f"variation {i + 1}" for i in range(args.n)], None, {}
     if args.mode == "interpolate":
         if args.frames < 2:
             raise ValueError(f"--frames must be >= 2, got {args.frames}")
-        strip = job.unclip.interpolate(images[:1], images[1:2], args.frames, settings, image_size=size)
+        strip = job.unclip.interpolate(images[:1], images[1:2], args.frames, settings, image_size=size,
+                                       progress=progress)
         return strip, [f"t = {i / (args.frames - 1):.2f}" for i in range(args.frames)], args.frames, {}
     if args.mode == "text-diff":
         if not args.from_prompt or len(prompts) != 1:
@@ -240,17 +241,17 @@ def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
     expanded = [p for _, p in pairs]
     pipe = job.pipe()
     if args.mode == "img2img":
-        out = img2img(pipe, inputs, expanded, settings, strength=args.strength)
+        out = img2img(pipe, inputs, expanded, settings, strength=args.strength, progress=progress)
         return out, expanded, None, {"strength": args.strength}
     if args.mode == "inpaint":
         mask = read_mask(args, len(inputs), size)
-        out = inpaint(pipe, inputs, mask, expanded, settings)
+        out = inpaint(pipe, inputs, mask, expanded, settings, progress=progress)
         shown = inputs * (1 - mask) + mask * torch.tensor([1.0, -1.0, 1.0]).reshape(1, 3, 1, 1)  # magenta = masked
         return (torch.stack([x for pair in zip(shown, out) for x in pair]),
                 [c for p in expanded for c in ("input + mask", p)], 2, {"mask": args.mask, "mask_box": args.mask_box})
     # invert: DDIM inversion, then deterministic DDIM back, per input
-    noise = invert(pipe, inputs, expanded, settings)
-    z = reconstruct(pipe, noise, expanded, settings, decode=False)
+    noise = invert(pipe, inputs, expanded, settings, progress=progress)
+    z = reconstruct(pipe, noise, expanded, settings, decode=False, progress=progress)
     z0 = job.system.first_stage.encode(inputs.to(job.system.device))
     errors = [float((a - b).norm() / b.norm()) for a, b in zip(z, z0)]
     recon = job.system.first_stage.decode(z).clamp(-1, 1).cpu()
