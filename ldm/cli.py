@@ -138,6 +138,18 @@ class LDMCLI(LightningCLI):
                 kwargs["default_root_dir"] = self.run_dir
         return super().instantiate_trainer(**kwargs)
 
+    def after_fit(self) -> None:
+        """Write ``checkpoints/last.ckpt`` with the weights of the last step. Lightning's default checkpoint
+        is written at epoch and validation ends, so a run stopped by ``max_steps`` mid-epoch would otherwise
+        leave ``ldm sample`` / ``load_system`` (which prefer ``last.ckpt``) an older checkpoint."""
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        if callback is None or trainer.global_step == 0:  # checkpointing off, or nothing trained
+            return
+        folder = getattr(callback, "dirpath", None) or os.path.join(getattr(self, "run_dir", trainer.default_root_dir),
+                                                                    "checkpoints")
+        trainer.save_checkpoint(os.path.join(folder, "last.ckpt"))
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)

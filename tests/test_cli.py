@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 import yaml
 
 from ldm.cli import main
@@ -92,6 +93,8 @@ def test_fit_writes_the_run_folder_with_wandb_offline(shapes_dir, tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["trainer"]["max_steps"] == 12 and saved["run"]["tags"] == ["debug", "cli-test"]
     assert list((run / "checkpoints").glob("*.ckpt"))
+    # the weights of the last step, whatever the epoch and validation checkpoints hold
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 12
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) >= 2 and losses[-1] < losses[0]  # the toy model learns
