@@ -178,7 +178,7 @@ def train_ldm(out: Path, latents: Path, ae_run: Path, clip_run: Path, size: int,
     fig.tight_layout()
     fig.savefig(out / "ldm_curves.png", dpi=100)
     plt.close(fig)
-    return {"run": str(run), "steps": steps, "val_loss_first": round(val[0][1], 4), "val_loss_last": round(val[-1][1], 4)}
+    return {"run": str(run), "steps": steps, **validation_ends(val)}
 
 
 def sample_ldm(out: Path, run: str) -> Path:
@@ -243,14 +243,20 @@ def train_decoder(out: Path, latents: Path, ae_run: Path, clip_run: str, size: i
            f"--data.train={latents}/train-*.tar", f"--data.val={latents}/val-*.tar", f"--data.image_size={size}",
            f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
            f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--model.init_args.text_context=false",
-           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=100",
+           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=50",
            "--trainer.limit_val_batches=4", "--trainer.enable_progress_bar=false", f"--run.root={out}",
            "--run.name=decoder", "--run.version=demo",
            "--run.tags=[demo]"]
     print("  $ " + " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)
-    val = [float(r["val/loss"]) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/loss")]
-    return {"run": str(run), "steps": steps, "val_loss_first": round(val[0], 4), "val_loss_last": round(val[-1], 4)}
+    val = [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/loss")]
+    return {"run": str(run), "steps": steps, **validation_ends(val)}
+
+
+def validation_ends(val: list[tuple[int, float]]) -> dict:
+    """The first and the last validation loss of a run, with the steps they were measured at."""
+    return {"val_loss_first": round(val[0][1], 4), "val_step_first": val[0][0],
+            "val_loss_last": round(val[-1][1], 4), "val_step_last": val[-1][0]}
 
 
 def sample_unclip(out: Path, decoder: str, prior: str, val_pattern: str, size: int) -> dict:
@@ -479,8 +485,8 @@ The shards encoded by the autoencoder (`ldm precompute latents --ckpt {run} --sh
 --out {latents}`, 4 x 16 x 16 latents), then `ldm fit -c configs/trainer/debug.yaml -c configs/ldm/debug.yaml`
 for {args.ldm_steps} steps on CPU: a 1.1M-parameter U-Net with cross-attention to the demo CLIP's text
 tokens, eps prediction, 10 % condition dropout, EMA; run folder `{ldm_metrics['run']}`.
-Validation loss at five fixed noise levels with fixed noise: {ldm_metrics['val_loss_first']} after 100 steps,
-{ldm_metrics['val_loss_last']} at the end.
+Validation loss at five fixed noise levels with fixed noise: {ldm_metrics['val_loss_first']} at step
+{ldm_metrics['val_step_first']}, {ldm_metrics['val_loss_last']} at step {ldm_metrics['val_step_last']}.
 
 ![ldm curves](ldm_curves.png)
 
@@ -525,7 +531,8 @@ itself (chance R@1 {1 / 256:.3f}):
 The unCLIP decoder (`configs/unclip/debug.yaml` with `--model.init_args.text_context=false`: the debug U-Net
 conditioned on the CLIP image embedding alone, added to the timestep embedding and as 4 context tokens; no
 caption tokens, seed 004's setting) trained {decoder_metrics['steps']} steps on the latent shards; fixed-noise validation loss
-{decoder_metrics['val_loss_first']} after 100 steps, {decoder_metrics['val_loss_last']} at the end.
+{decoder_metrics['val_loss_first']} at step {decoder_metrics['val_step_first']}, {decoder_metrics['val_loss_last']} at step
+{decoder_metrics['val_step_last']}.
 
 Text -> prior -> decoder (`ldm sample --ckpt {decoder_metrics['run']} --prior {prior_metrics['run']} --n 4 --cfg 3 --prompt ...`):
 

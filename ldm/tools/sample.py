@@ -310,7 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         save_attention_figure(image, maps, words, out.with_name(out.stem + "_attention.png"), prompts[0])
     record = {"mode": args.mode, "checkpoint": str(find_checkpoint(args.ckpt)),
-              "prior": str(find_checkpoint(args.prior)) if args.prior else None, "image_size": size,
+              "prior": str(find_checkpoint(args.prior)) if args.prior else None,
+              "prompts_read_by": ("the run's text encoder" if job.unclip is None else
+                                  "the diffusion prior" if args.prior else "the CLIP text embedding (no prior)"),
+              "image_size": size,
               "prompts": prompts, "n": args.n, "inputs": args.image, "settings": settings.to_dict(),
               "clip_guidance": {"scale": args.clip_guidance, "clip": args.clip, "noised": args.noised_clip,
                                 "through_denoiser": args.clip_through_denoiser} if args.clip_guidance else None,

@@ -241,6 +241,7 @@ def test_sample_cli_unclip_modes(unclip, embeddings, tmp_path, monkeypatch, caps
                  "--prompt", "a red circle", "--prompt", "a blue square", "--n", "2", "--out", "t/grid.png"]) == 0
     record = json.loads((tmp_path / "t/grid.json").read_text())
     assert record["mode"] == "text" and record["prior"].endswith(".ckpt") and len(record["images"]) == 4
+    assert record["prompts_read_by"] == "the diffusion prior"
     assert [i["seed"] for i in record["images"]] == [0, 1, 2, 3] and (tmp_path / "t/grid.png").stat().st_size > 0
     assert main([*common, "--mode", "variations", "--image", "in0.png", "--n", "3", "--eta", "1",
                  "--out", "v/grid.png"]) == 0
