@@ -88,38 +88,52 @@ def plot_attributes(counts: dict[str, Counter], out: Path) -> None:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def ldm_command() -> str:
+    return str(Path(sys.executable).with_name("ldm"))
+
+
+def run_ldm(*args: str) -> None:
+    """Run an ``ldm`` command as a user would, echoing it."""
+    print("  $ ldm " + " ".join(args))
+    subprocess.run([ldm_command(), *args], check=True)
+
+
+def fit_stage(out: Path, name: str, config: str, steps: int, *args: str) -> Path:
+    """``ldm fit -c configs/trainer/debug.yaml -c configs/<config> ARGS`` for ``steps`` steps into a fresh
+    ``<out>/<name>/demo``; returns that run folder."""
+    run = out / name / "demo"
+    shutil.rmtree(run, ignore_errors=True)
+    run_ldm("fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs" / config), *args,
+            f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false",
+            f"--run.root={out}", f"--run.name={name}", "--run.version=demo", "--run.tags=[demo]")
+    return run
+
+
+def last_validation(run: Path, keys: list[str]) -> dict:
+    """The run's last validation row, the given ``val/`` keys without their prefix, rounded."""
+    last = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get(keys[0])][-1]
+    return {k.removeprefix("val/"): round(float(last[k]), 4) for k in keys}
+
+
+def validation_losses(run: Path) -> list[tuple[int, float]]:
+    """(step, val/loss) of every validation of a run."""
+    return [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/loss")]
+
+
 def train_autoencoder(out: Path, train_pattern: str, val_pattern: str, size: int, steps: int) -> Path:
     """Run `ldm fit` on the debug KL autoencoder preset, as a user would; returns the run folder."""
-    run = out / "autoencoder" / "demo"
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [str(Path(sys.executable).with_name("ldm")), "fit",
-           "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/autoencoder/kl-f4-debug.yaml"),
-           f"--data.train={train_pattern}", f"--data.val={val_pattern}", f"--data.image_size={size}",
-           "--data.batch_size=16", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=100",
-           "--trainer.limit_val_batches=4", "--trainer.enable_progress_bar=false",
-           "--model.init_args.loss.init_args.disc_weight=0",  # no GAN in a 2-minute run: it needs thousands of steps
-           f"--run.root={out}", "--run.name=autoencoder", "--run.version=demo", "--run.tags=[demo]"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
-    return run
+    return fit_stage(out, "autoencoder", "autoencoder/kl-f4-debug.yaml", steps,
+                     f"--data.train={train_pattern}", f"--data.val={val_pattern}", f"--data.image_size={size}",
+                     "--data.batch_size=16", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=4",
+                     "--model.init_args.loss.init_args.disc_weight=0")  # no GAN in a 2-minute run: it needs thousands
 
 
 def train_clip(out: Path, train_pattern: str, val_pattern: str, steps: int) -> dict:
     """Run `ldm fit` on the CLIP debug preset; returns the last validation metrics."""
-    run = out / "clip" / "demo"
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [str(Path(sys.executable).with_name("ldm")), "fit",
-           "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
-           f"--data.train={train_pattern}", f"--data.val={val_pattern}", f"--trainer.max_steps={steps}",
-           "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0", "--trainer.limit_val_batches=1.0",
-           "--trainer.enable_progress_bar=false", f"--run.root={out}", "--run.name=clip", "--run.version=demo",
-           "--run.tags=[demo]"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
-    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/i2t_R@1")]
-    last = rows[-1]
+    run = fit_stage(out, "clip", "contrastive/clip-debug.yaml", steps, f"--data.train={train_pattern}",
+                    f"--data.val={val_pattern}", "--trainer.val_check_interval=1.0", "--trainer.limit_val_batches=1.0")
     keys = ["val/i2t_R@1", "val/i2t_R@10", "val/t2i_R@1", "val/t2i_R@10", "val/zero_shot/colour", "val/zero_shot/shape"]
-    return {"run": str(run), "steps": steps, **{k.removeprefix("val/"): round(float(last[k]), 4) for k in keys}}
+    return {"run": str(run), "steps": steps, **last_validation(run, keys)}
 
 
 LDM_PROMPTS = ["a red circle", "a large blue square", "a green triangle", "a yellow star to the left of a purple cross"]
@@ -136,37 +150,25 @@ def eval_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def ldm_command() -> str:
-    return str(Path(sys.executable).with_name("ldm"))
-
-
 def precompute_latents(out: Path, ae_run: Path, shards: Path) -> Path:
     """`ldm precompute latents` over both splits: the diffusion stage then trains without the encoder."""
     latents = out / "latents"
     shutil.rmtree(latents, ignore_errors=True)
-    cmd = [ldm_command(), "precompute", "latents", "--ckpt", str(ae_run), "--shards", f"{shards}/*-*.tar",
-           "--out", str(latents), "--quiet"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
+    run_ldm("precompute", "latents", "--ckpt", str(ae_run), "--shards", f"{shards}/*-*.tar", "--out", str(latents),
+            "--quiet")
     return latents
 
 
 def train_ldm(out: Path, latents: Path, ae_run: Path, clip_run: Path, size: int, steps: int) -> dict:
     """`ldm fit` on the debug LDM preset over the precomputed latents, conditioned by the demo CLIP's text."""
-    run = out / "ldm" / "demo"
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [ldm_command(), "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/ldm/debug.yaml"),
-           f"--data.train={latents}/train-*.tar", f"--data.val={latents}/val-*.tar", "--data.decode_images=false",
-           f"--data.image_size={size}", f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
-           f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", f"--trainer.max_steps={steps}",
-           "--trainer.max_epochs=-1", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=4",
-           "--trainer.callbacks.init_args.every_n_steps=250", "--trainer.enable_progress_bar=false",
-           f"--run.root={out}", "--run.name=ldm", "--run.version=demo", "--run.tags=[demo]"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
-    rows = list(csv.DictReader(open(run / "metrics.csv")))
-    val = [(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")]
-    train = [(int(r["step"]), float(r["train/loss"])) for r in rows if r.get("train/loss")]
+    run = fit_stage(out, "ldm", "ldm/debug.yaml", steps, f"--data.train={latents}/train-*.tar",
+                    f"--data.val={latents}/val-*.tar", "--data.decode_images=false", f"--data.image_size={size}",
+                    f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
+                    f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.val_check_interval=100",
+                    "--trainer.limit_val_batches=4", "--trainer.callbacks.init_args.every_n_steps=250")
+    val = validation_losses(run)
+    train = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(open(run / "metrics.csv"))
+             if r.get("train/loss")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     axes[0].plot(*zip(*train))
     axes[0].set_title("train/loss (random noise levels)")
@@ -184,12 +186,8 @@ def train_ldm(out: Path, latents: Path, ae_run: Path, clip_run: Path, size: int,
 def sample_ldm(out: Path, run: str) -> Path:
     """`ldm sample` for the shapes prompts, as a user would, with the first prompt's attention maps per word."""
     grid = out / "ldm_samples.png"
-    cmd = [ldm_command(), "sample", "--ckpt", run, "--n", "4", "--steps", "20", "--cfg", "3", "--seed", "0",
-           "--out", str(grid), "--quiet", "--attention-maps"]
-    for prompt in LDM_PROMPTS:
-        cmd += ["--prompt", prompt]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
+    run_ldm("sample", "--ckpt", run, "--n", "4", "--steps", "20", "--cfg", "3", "--seed", "0", "--out", str(grid),
+            "--quiet", "--attention-maps", *[a for p in LDM_PROMPTS for a in ("--prompt", p)])
     return grid
 
 
@@ -197,10 +195,8 @@ def evaluate_ldm(out: Path, run: str, val_pattern: str, n: int) -> dict:
     """`ldm eval` with a small guidance sweep; FID / KID / IS only where Inception weights are configured.
 
     The run trained on latent shards, so the real images to compare with are the image shards (--data)."""
-    cmd = [ldm_command(), "eval", "--ckpt", run, "--data", val_pattern, "--n", str(n), "--steps", "20",
-           "--cfg-sweep", "1,3", "--out", str(out / "eval"), "--quiet"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
+    run_ldm("eval", "--ckpt", run, "--data", val_pattern, "--n", str(n), "--steps", "20", "--cfg-sweep", "1,3",
+            "--out", str(out / "eval"), "--quiet")
     return json.loads((out / "eval" / "report.json").read_text())
 
 
@@ -208,49 +204,30 @@ def precompute_embeddings(out: Path, clip_run: str, shards: Path) -> Path:
     """`ldm precompute embeddings`: CLIP text / image embeddings and text-token features for the prior and decoder."""
     emb = out / "embeddings"
     shutil.rmtree(emb, ignore_errors=True)
-    cmd = [ldm_command(), "precompute", "embeddings", "--ckpt", clip_run, "--shards", f"{shards}/*-*.tar",
-           "--out", str(emb), "--quiet"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
+    run_ldm("precompute", "embeddings", "--ckpt", clip_run, "--shards", f"{shards}/*-*.tar", "--out", str(emb), "--quiet")
     return emb
 
 
 def train_prior(out: Path, emb: Path, steps: int) -> dict:
     """`ldm fit` on the debug prior over the embedding shards; its last validation metrics against the baseline."""
-    run = out / "prior" / "demo"
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [ldm_command(), "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/prior/debug.yaml"),
-           f"--data.train={emb}/train-*.tar", f"--data.val={emb}/val-*.tar", "--data.batch_size=32",
-           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0",
-           "--trainer.check_val_every_n_epoch=2", "--trainer.limit_val_batches=8",
-           "--trainer.enable_progress_bar=false", f"--run.root={out}", "--run.name=prior", "--run.version=demo",
-           "--run.tags=[demo]"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
-    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/cos_prior")]
-    last = rows[-1]
-    keys = ["val/loss", "val/cos_prior", "val/cos_text", "val/r1_prior", "val/r1_text"]
-    return {"run": str(run), "steps": steps, **{k.removeprefix("val/"): round(float(last[k]), 4) for k in keys}}
+    run = fit_stage(out, "prior", "prior/debug.yaml", steps, f"--data.train={emb}/train-*.tar",
+                    f"--data.val={emb}/val-*.tar", "--data.batch_size=32", "--trainer.val_check_interval=1.0",
+                    "--trainer.check_val_every_n_epoch=2", "--trainer.limit_val_batches=8")
+    keys = ["val/cos_prior", "val/loss", "val/cos_text", "val/r1_prior", "val/r1_text"]
+    return {"run": str(run), "steps": steps, **last_validation(run, keys)}
 
 
 def train_decoder(out: Path, latents: Path, ae_run: Path, clip_run: str, size: int, steps: int) -> dict:
     """`ldm fit` on the debug unCLIP decoder over the latent shards, conditioned on the CLIP image embedding alone
     (``text_context=false``: seed 004's setting; with the caption's tokens too, so short a run learns to read the
     caption and ignores the embedding, and interpolations do not move)."""
-    run = out / "decoder" / "demo"
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [ldm_command(), "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/unclip/debug.yaml"),
-           f"--data.train={latents}/train-*.tar", f"--data.val={latents}/val-*.tar", f"--data.image_size={size}",
-           f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
-           f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--model.init_args.text_context=false",
-           f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.val_check_interval=50",
-           "--trainer.limit_val_batches=4", "--trainer.enable_progress_bar=false", f"--run.root={out}",
-           "--run.name=decoder", "--run.version=demo",
-           "--run.tags=[demo]"]
-    print("  $ " + " ".join(cmd[1:]))
-    subprocess.run(cmd, check=True)
-    val = [(int(r["step"]), float(r["val/loss"])) for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val/loss")]
-    return {"run": str(run), "steps": steps, **validation_ends(val)}
+    run = fit_stage(out, "decoder", "unclip/debug.yaml", steps, f"--data.train={latents}/train-*.tar",
+                    f"--data.val={latents}/val-*.tar", f"--data.image_size={size}",
+                    f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
+                    f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}",
+                    "--model.init_args.text_context=false", "--trainer.val_check_interval=50",
+                    "--trainer.limit_val_batches=4")
+    return {"run": str(run), "steps": steps, **validation_ends(validation_losses(run))}
 
 
 def validation_ends(val: list[tuple[int, float]]) -> dict:
@@ -267,16 +244,15 @@ def sample_unclip(out: Path, decoder: str, prior: str, val_pattern: str, size: i
     pair = [inputs / "a.png", inputs / "b.png"]
     for image, path in zip(batch["image"][[0, 5]], pair):
         save_image((image + 1) / 2, path)
-    common = [ldm_command(), "sample", "--ckpt", decoder, "--steps", "20", "--quiet"]
+    common = ["sample", "--ckpt", decoder, "--steps", "20", "--quiet"]
     runs = {
         "unclip_samples": [*common, "--prior", prior, "--n", "4", "--cfg", "3", "--out", str(out / "unclip_samples.png"),
                            *[a for p in LDM_PROMPTS for a in ("--prompt", p)]],
         "interpolation": [*common, "--mode", "interpolate", "--image", str(pair[0]), "--image", str(pair[1]),
                           "--frames", "8", "--sampler", "ddim", "--cfg", "3", "--out", str(out / "interpolation.png")],
     }
-    for cmd in runs.values():
-        print("  $ " + " ".join(cmd[1:]))
-        subprocess.run(cmd, check=True)
+    for args in runs.values():
+        run_ldm(*args)
     return {**{name: str(out / f"{name}.png") for name in runs}, "inputs": [str(p) for p in pair],
             "input_captions": [batch["text"][0], batch["text"][5]], **frame_changes(out)}
 

@@ -26,12 +26,9 @@ class FrozenTextEncoder(nn.Module):
         if (checkpoint is None) == (model_name is None):
             raise ValueError("give either checkpoint (a contrastive run) or model_name (+ pretrained file)")
         if checkpoint is not None:
-            from ldm.systems.loading import load_system
+            from ldm.systems.loading import load_clip
 
-            system = load_system(checkpoint)
-            if not isinstance(getattr(system, "model", None), OpenCLIP):
-                raise TypeError(f"{checkpoint} is a {type(system).__name__} run, not a contrastive run")
-            self.model = system.model
+            self.model = load_clip(checkpoint)
         else:
             self.model = OpenCLIP(model_name=model_name, pretrained=pretrained)
         self.model.eval().requires_grad_(False)

@@ -60,18 +60,6 @@ class ClipGuided(TextToImage):
         self.clip = clip.to(system.device).eval().requires_grad_(False)
         self.scale, self.noised, self.through_denoiser = scale, noised, through_denoiser
 
-    @classmethod
-    def from_checkpoint(cls, path: str, device="cpu", clip: str | None = None, **kwargs) -> ClipGuided:
-        from ldm.systems import load_system
-
-        pipe = TextToImage.from_checkpoint(path, device=device)
-        model = None
-        if clip is not None:
-            model = getattr(load_system(clip), "model", None)
-            if model is None or not hasattr(model, "encode_image"):
-                raise TypeError(f"{clip} is not a contrastive run (--clip needs a CLIP / SigLIP run)")
-        return cls(pipe.system, model, **kwargs)
-
     def denoiser_for(self, prompts: Sequence[str], cond, settings: SamplerSettings):
         model_fn = self.guided_denoiser(cond, settings)
         if self.scale == 0:

@@ -75,3 +75,23 @@ def load_autoencoder(path: str | os.PathLike, **kwargs):
     if not hasattr(system, "autoencoder"):
         raise TypeError(f"{path} is a {type(system).__name__} run, not an autoencoder run")
     return system.autoencoder
+
+
+def load_clip(path: str | os.PathLike, **kwargs):
+    """The frozen :class:`~ldm.contrastive.OpenCLIP` of a contrastive (CLIP / SigLIP) run."""
+    from ldm.contrastive.model import OpenCLIP
+
+    system = load_system(path, **kwargs)
+    if not isinstance(getattr(system, "model", None), OpenCLIP):
+        raise TypeError(f"{path} is a {type(system).__name__} run, not a contrastive (CLIP / SigLIP) run")
+    return system.model
+
+
+def load_prior(path: str | os.PathLike, **kwargs):
+    """The frozen :class:`~ldm.systems.DiffusionPrior` of a diffusion-prior run."""
+    from ldm.systems.prior import DiffusionPrior
+
+    system = load_system(path, **kwargs)
+    if not isinstance(system, DiffusionPrior):
+        raise TypeError(f"{path} is a {type(system).__name__} run, not a diffusion-prior run")
+    return system

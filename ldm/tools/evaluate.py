@@ -61,14 +61,10 @@ def _scorer(args, system):
     """(OpenCLIP scorer, where it came from, a note for the report)."""
     if args.no_clip:
         return None, None, "off"
-    from ldm.contrastive import OpenCLIP
-    from ldm.systems import load_system
+    from ldm.systems import load_clip
 
     if args.clip:
-        model = getattr(load_system(args.clip), "model", None)
-        if not isinstance(model, OpenCLIP):
-            raise TypeError(f"--clip {args.clip} is not a contrastive run")
-        return model, args.clip, f"the contrastive run {args.clip}"
+        return load_clip(args.clip), args.clip, f"the contrastive run {args.clip}"
     encoder = system.text_encoder
     if encoder is None:
         return None, None, "off (the model has no text encoder; pass --clip)"
@@ -90,12 +86,9 @@ def _weights_note(weights: str | None) -> str:
 def _through_prior(pipe, prior_run: str, seed: int, device: str):
     """The decoder's pipeline with prompts conditioned through the diffusion prior of ``prior_run``."""
     from ldm.pipelines import TextToImage, UnCLIP
-    from ldm.systems import DiffusionPrior, load_system
+    from ldm.systems import load_prior
 
-    prior = load_system(prior_run)
-    if not isinstance(prior, DiffusionPrior):
-        raise TypeError(f"--prior {prior_run} is a {type(prior).__name__} run, not a diffusion-prior run")
-    unclip = UnCLIP(pipe.system, prior.to(device), batch_size=pipe.batch_size)
+    unclip = UnCLIP(pipe.system, load_prior(prior_run).to(device), batch_size=pipe.batch_size)
     return TextToImage(pipe.system, batch_size=pipe.batch_size, condition_fn=unclip.condition_through_prior(seed))
 
 

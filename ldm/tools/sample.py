@@ -149,23 +149,15 @@ class Job:
 
     def __init__(self, args, settings, device: str):
         from ldm.contrastive import FrozenTextEncoder
-        from ldm.pipelines import UnCLIP
-        from ldm.systems import DiffusionPrior, LatentDiffusion, load_system
+        from ldm.pipelines import TextToImage, UnCLIP
+        from ldm.systems import load_clip, load_prior
 
-        system = load_system(args.ckpt)
-        if not isinstance(system, LatentDiffusion):
-            raise TypeError(f"{args.ckpt} is a {type(system).__name__} run, not a latent-diffusion run "
-                            "(ldm sample needs a checkpoint of ldm.systems.LatentDiffusion)")
+        system = TextToImage.from_checkpoint(args.ckpt, device=device).system  # checks the kind of run
         self.args, self.settings = args, settings
-        self.system = system.to(device)
+        self.system = system
         self.unclip = None
         if system.vector_cond in ("clip_image", "clip_text"):
-            prior = None
-            if args.prior:
-                prior = load_system(args.prior)
-                if not isinstance(prior, DiffusionPrior):
-                    raise TypeError(f"--prior {args.prior} is a {type(prior).__name__} run, not a diffusion-prior run")
-                prior = prior.to(device)
+            prior = load_prior(args.prior).to(device) if args.prior else None
             text_encoder = None
             if system.text_encoder is None:  # an image-embedding-only decoder: prompts need the CLIP
                 if not args.clip:
@@ -180,11 +172,7 @@ class Job:
                              f"(configs/unclip/); {args.ckpt} is conditioned on {system.vector_cond or 'text'}")
         elif args.prior:
             raise ValueError("--prior drives a decoder conditioned on CLIP image embeddings; this run reads text")
-        self.clip = None
-        if args.clip:
-            self.clip = getattr(load_system(args.clip), "model", None)
-            if self.clip is None or not hasattr(self.clip, "encode_image"):
-                raise TypeError(f"--clip {args.clip} is not a contrastive (CLIP / SigLIP) run")
+        self.clip = load_clip(args.clip) if args.clip else None
 
     def pipe(self):
         """The text -> image pipeline (unCLIP: prompts -> prior -> decoder), with CLIP guidance when asked."""

@@ -17,7 +17,6 @@ def test_frozen_text_encoder_from_a_run_matches_the_model(shapes_dir, tmp_path, 
                        f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar",
                        "--data.batch_size=16", "--data.num_workers=0", "--trainer.max_steps=3",
                        "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=0"])
-    cli.trainer.save_checkpoint(f"{cli.run_dir}/checkpoints/last.ckpt")
     enc = FrozenTextEncoder(checkpoint=cli.run_dir)
     assert not any(p.requires_grad for p in enc.parameters())
     tokens = enc.tokenizer(["a red circle above a blue square", ""])

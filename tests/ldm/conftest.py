@@ -25,10 +25,8 @@ def stage_runs(shapes_dir, tmp_path_factory) -> dict[str, Path]:
             "--data.image_size=32", "--trainer.limit_val_batches=0", f"--run.root={root}", "--run.version=v"]
     ae = fit(["-c", *DEBUG, "-c", str(REPO / "configs/autoencoder/kl-f4-debug.yaml"), *data,
               "--data.batch_size=8", "--trainer.max_steps=6", "--model.init_args.loss.init_args.disc_weight=0"])
-    ae.trainer.save_checkpoint(f"{ae.run_dir}/checkpoints/last.ckpt")
     clip = fit(["-c", *DEBUG, "-c", str(REPO / "configs/contrastive/clip-debug.yaml"), *data,
                 "--data.batch_size=16", "--trainer.max_steps=3"])
-    clip.trainer.save_checkpoint(f"{clip.run_dir}/checkpoints/last.ckpt")
     return {"ae": Path(ae.run_dir), "clip": Path(clip.run_dir)}
 
 
@@ -46,5 +44,4 @@ def ldm_run(shapes_dir, stage_runs, tmp_path_factory):
                f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0", "--data.batch_size=16",
                "--trainer.max_steps=56", "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0",
                "--trainer.limit_val_batches=2", f"--run.root={root}", "--run.version=v"])
-    cli.trainer.save_checkpoint(f"{cli.run_dir}/checkpoints/last.ckpt")
     return cli

@@ -30,7 +30,6 @@ def embeddings(tmp_path_factory):
                 f"--data.train={root}/shapes/train-*.tar", f"--data.val={root}/shapes/val-*.tar", "--data.num_workers=0",
                 "--data.image_size=32", "--trainer.limit_val_batches=0", "--trainer.max_steps=150",
                 "--trainer.max_epochs=-1", "--trainer.val_check_interval=1.0", f"--run.root={root}", "--run.version=v"])
-    clip.trainer.save_checkpoint(f"{clip.run_dir}/checkpoints/last.ckpt")
     precompute_embeddings(FrozenTextEncoder(checkpoint=clip.run_dir), f"{root}/shapes/*-*.tar", root / "emb",
                           progress=False)
     return root / "emb"
@@ -143,8 +142,6 @@ def unclip(embeddings, decoder_shards, stage_runs, prior_run, tmp_path_factory):
                    "--data.image_size=32", f"--model.init_args.first_stage.init_args.checkpoint={stage_runs['ae']}",
                    f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.max_steps=40",
                    "--trainer.limit_val_batches=0", f"--run.root={tmp_path_factory.mktemp('decoder')}"])
-    for cli in (decoder, prior_run):
-        cli.trainer.save_checkpoint(f"{cli.run_dir}/checkpoints/last.ckpt")
     pipe = UnCLIP(decoder.model.eval(), prior_run.model.eval(), prior_steps=5)
     pipe.runs = {"decoder": decoder.run_dir, "prior": prior_run.run_dir}
     return pipe
