@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ldm.data.transforms import as_rgb, resize_center_crop
-from ldm.data.writer import StagedShardDir, encode_image
+from ldm.data.writer import StagedShardDir, check_split_name, encode_image
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def folder_to_shards(images: str | os.PathLike, out: str | os.PathLike, *, capti
                      split: str = "train", file_column: str | None = None, caption_column: str | None = None,
                      overwrite: bool = False, progress: bool = True) -> FolderReport:
     """Write every captioned, decodable image under ``images`` into ``out/{split}-NNNNNN.tar``."""
+    check_split_name(split)
     images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"image folder {images} does not exist")

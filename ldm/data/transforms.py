@@ -20,14 +20,14 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def resize_shorter(image: Image.Image, size: int) -> Image.Image:
-    """Resize so that the shorter side is ``size`` (bicubic, antialiased); unchanged if it already is."""
+def resize_shorter(image: Image.Image, size: int,
+                   resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resize so that the shorter side is ``size`` (bicubic by default, antialiased); unchanged if it already is."""
     w, h = image.size
     if min(w, h) == size:
         return image
     scale = size / min(w, h)
-    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC,
-                        reducing_gap=3.0)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample, reducing_gap=3.0)
 
 
 def crop_square(image: Image.Image, size: int, rng: random.Random | None = None) -> Image.Image:
@@ -43,6 +43,25 @@ def crop_square(image: Image.Image, size: int, rng: random.Random | None = None)
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to ``size`` and crop the centre square."""
     return crop_square(resize_shorter(image, size), size)
+
+
+def same_aspect_ratio(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether two (width, height) sizes are one picture at two scales, up to rounding each side to a pixel."""
+    (wa, ha), (wb, hb) = a, b
+    return abs(wa * hb - ha * wb) <= (wa + ha + wb + hb) / 2
+
+
+def center_crop_mask(mask: Image.Image, image_size: tuple[int, int], size: int) -> Image.Image:
+    """A mask drawn on an image of ``image_size`` (or on a scaled copy of it), cut to the ``size`` square exactly
+    as :func:`resize_center_crop` / a centre-cropping :class:`ImageTransform` cut the image: the same pixels,
+    with nearest resampling so that it stays binary. Raises ValueError if the aspect ratios differ (a mask for
+    another picture, or one that would be stretched)."""
+    if not same_aspect_ratio(mask.size, image_size):
+        raise ValueError(f"mask {mask.size[0]}x{mask.size[1]} and image {image_size[0]}x{image_size[1]} differ "
+                         "in aspect ratio")
+    nearest = Image.Resampling.NEAREST
+    mask = mask.convert("L").resize(image_size, nearest)  # onto the image's pixel grid (a no-op at the same size)
+    return crop_square(resize_shorter(mask, size, resample=nearest), size)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import time
 from collections import OrderedDict
@@ -23,6 +24,24 @@ import webdataset as wds
 from PIL import Image
 
 SHARD_NAME = "{split}-%06d.tar"
+#: a split name is a file-name prefix inside the output folder: no path parts, no glob characters
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_split_name(name: str) -> str:
+    """``name`` if it is a plain split name, else a ValueError. Why: the name becomes ``out/{name}-NNNNNN.tar``
+    and a glob to find the split's old shards, so ``../x`` wrote outside the output folder and ``*`` with
+    ``--overwrite`` removed every other split."""
+    if not isinstance(name, str) or not SPLIT_NAME.fullmatch(name):
+        raise ValueError(f"invalid split name {name!r}: use letters, digits, '_' and '-' only ([A-Za-z0-9_-]+), "
+                         "e.g. train or val")
+    return name
+
+
+def split_shards(out: Path, name: str) -> list[Path]:
+    """The shard files of split ``name`` in ``out`` (``name-NNNNNN.tar``; not those of a split ``name-extra``)."""
+    pattern = re.compile(rf"{re.escape(check_split_name(name))}-\d+\.tar")
+    return sorted(p for p in out.glob(f"{name}-*.tar") if pattern.fullmatch(p.name))
 
 
 def encode_image(image: Image.Image, fmt: str = "png", quality: int = 95) -> bytes:
@@ -78,6 +97,7 @@ class SplitWriter:
     """Writes one split's samples with ``webdataset.ShardWriter``, counting per shard."""
 
     def __init__(self, staging: Path, split: str, shard_size: int):
+        check_split_name(split)
         if shard_size < 1:
             raise ValueError(f"shard size must be >= 1, got {shard_size}")
         self.split = split
@@ -115,7 +135,7 @@ class StagedShardDir:
         return self
 
     def split(self, name: str, shard_size: int) -> SplitWriter:
-        existing = sorted(self.out.glob(f"{name}-*.tar"))
+        existing = split_shards(self.out, name)
         if existing and not self.overwrite:
             raise FileExistsError(
                 f"{self.out} already holds {len(existing)} '{name}' shards; pass --overwrite to replace them "
@@ -137,7 +157,7 @@ class StagedShardDir:
     def _publish(self) -> None:
         splits: dict[str, Any] = {}
         for name, w in self.writers.items():
-            for old in self.out.glob(f"{name}-*.tar"):
+            for old in split_shards(self.out, name):
                 old.unlink()
             splits[name] = split_entry(self.out, w.counts)
             for n in splits[name]["shards"]:

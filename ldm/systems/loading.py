@@ -3,11 +3,14 @@
 Every ``ldm fit`` run folder holds ``config.yaml`` (the fully resolved config) and
 ``checkpoints/*.ckpt``. :func:`load_system` rebuilds the LightningModule from the
 ``model`` section of that config (so no class names or sizes are repeated anywhere) and
-loads the checkpoint's weights; later stages use it frozen and in eval mode.
+loads the checkpoint's weights; later stages use it frozen and in eval mode. Checkpoints are
+read with ``weights_only=True`` (:func:`ldm.checkpoints.load_checkpoint_file`): a crafted file
+cannot run code.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -16,18 +19,47 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
+from ldm.checkpoints import CheckpointError, checkpoint_problem, is_temp_file, load_checkpoint_file
+
+log = logging.getLogger(__name__)
+
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself if it is a file, else ``last.ckpt`` or the newest ``*.ckpt`` under ``path/checkpoints``."""
+    """``path`` itself if it is a file, else ``last.ckpt`` or the newest ``*.ckpt`` under ``path/checkpoints``.
+
+    Only complete checkpoints are picked: a truncated or unreadable one (a writer killed mid-save by an older
+    version, a full disk, a copy cut short) is skipped with a warning for the newest complete one, and
+    temporary files (``*.tmp*``) are never candidates. A file named explicitly is returned as it is: loading it
+    (:func:`~ldm.checkpoints.load_checkpoint_file`) says if it is incomplete.
+    """
     path = Path(path).expanduser()
     if path.is_file():
         return path
     folder = path / "checkpoints"
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    candidates = []  # (mtime, path)
+    for ckpt in folder.glob("*.ckpt") if folder.is_dir() else []:
+        mtime = _mtime(ckpt)
+        if mtime is not None and not is_temp_file(ckpt):
+            candidates.append((mtime, ckpt))
     if not candidates:
         raise FileNotFoundError(f"no checkpoint: {path} is neither a .ckpt file nor a run folder with checkpoints/*.ckpt")
-    last = folder / "last.ckpt"
-    return last if last.is_file() else candidates[-1]
+    # last.ckpt first (the weights of the last step), then newest first
+    ordered = [p for _, p in sorted(candidates, key=lambda c: (c[1].name == "last.ckpt", c[0]), reverse=True)]
+    skipped = []
+    for ckpt in ordered:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping checkpoint %s: %s; trying an older one", ckpt, problem)
+        skipped.append(f"{ckpt.name} ({problem})")
+    raise CheckpointError(f"no complete checkpoint in {folder}: " + "; ".join(skipped))
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile (a checkpoint callback rotating its top-k)
+        return None
 
 
 def find_config(ckpt: Path) -> Path:
@@ -61,7 +93,7 @@ def load_system(path: str | os.PathLike, *, freeze: bool = True, map_location: s
     parser.add_subclass_arguments(L.LightningModule, "model")
     parsed = parser.parse_object({"model": model_cfg})
     system = parser.instantiate_classes(parsed).model
-    state = torch.load(ckpt, map_location=map_location, weights_only=False)
+    state = load_checkpoint_file(ckpt, map_location=map_location)
     system.load_state_dict(state["state_dict"])
     if freeze:
         system.eval()

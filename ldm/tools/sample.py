@@ -68,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("editing")
     g.add_argument("--image", action="append", default=[], help="input image file (repeat for interpolate)")
     g.add_argument("--strength", type=float, default=0.6, help="img2img: 0 keeps the input, 1 samples from noise")
-    g.add_argument("--mask", help="inpaint: mask image, white (> 50%%) = regenerate")
-    g.add_argument("--mask-box", help="inpaint: the box to regenerate as fractions left,top,right,bottom (0.5,0,1,1)")
+    g.add_argument("--mask", help="inpaint: mask image drawn on the input (same size or aspect ratio), white (> 50%%) "
+                   "= regenerate; cropped like the image")
+    g.add_argument("--mask-box", help="inpaint: the box of the generated square to regenerate, as fractions "
+                   "left,top,right,bottom (0.5,0,1,1)")
     g = p.add_argument_group("CLIP guidance (text, img2img, inpaint)")
     g.add_argument("--clip-guidance", type=float, default=0.0, help="CLIP guidance scale (0 = off)")
     g.add_argument("--clip", help="contrastive run that guides (default: the run's own text encoder's CLIP); for an "
@@ -118,18 +120,40 @@ def read_images(files: Sequence[str], size: int):
     return torch.stack(out)
 
 
-def read_mask(args, n: int, size: int):
-    """The inpainting mask (n, 1, size, size), 1 = regenerate, from --mask or --mask-box."""
+def read_mask(args, image_files: Sequence[str], size: int):
+    """The inpainting mask of each input image (len(image_files), 1, size, size), 1 = regenerate.
+
+    ``--mask FILE`` is drawn on the input image (same size, or the same aspect ratio at another scale) and is
+    resized and centre-cropped exactly like the image, so that it covers the same pixels; a mask of another aspect
+    ratio is refused. ``--mask-box`` gives fractions of the generated (centre-cropped) square.
+    """
     import torch
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
+
+    from ldm.data.transforms import center_crop_mask, same_aspect_ratio
 
     if (args.mask is None) == (args.mask_box is None):
         raise ValueError("inpaint needs exactly one of --mask FILE or --mask-box left,top,right,bottom")
     if args.mask is not None:
         if not Path(args.mask).is_file():
             raise FileNotFoundError(f"--mask {args.mask}: no such file")
-        gray = Image.open(args.mask).convert("L").resize((size, size), Image.Resampling.NEAREST)
-        mask = torch.tensor(list(gray.getdata()), dtype=torch.float32).reshape(1, 1, size, size) / 255 > 0.5
+        try:
+            with Image.open(args.mask) as opened:
+                mask_image = opened.convert("L")
+        except UnidentifiedImageError as e:
+            raise ValueError(f"--mask {args.mask}: not an image file ({e})") from e
+        masks = []
+        for f in image_files:
+            with Image.open(f) as im:
+                image_size = im.size
+            if not same_aspect_ratio(mask_image.size, image_size):
+                raise ValueError(
+                    f"--mask {args.mask} is {mask_image.size[0]}x{mask_image.size[1]} but --image {f} is "
+                    f"{image_size[0]}x{image_size[1]}: the mask must be drawn on the image (the same size, or the "
+                    "same aspect ratio at another scale), since both are resized and centre-cropped alike")
+            cropped = center_crop_mask(mask_image, image_size, size)
+            masks.append(torch.tensor(list(cropped.getdata()), dtype=torch.float32).reshape(1, size, size) / 255 > 0.5)
+        mask = torch.stack(masks)  # (N, 1, size, size)
     else:
         try:
             left, top, right, bottom = (float(v) for v in args.mask_box.split(","))
@@ -139,9 +163,12 @@ def read_mask(args, n: int, size: int):
             raise ValueError(f"--mask-box {args.mask_box!r}: need 0 <= left < right <= 1 and 0 <= top < bottom <= 1")
         mask = torch.zeros(1, 1, size, size, dtype=torch.bool)
         mask[..., round(top * size): round(bottom * size), round(left * size): round(right * size)] = True
-    if not mask.any():
-        raise ValueError("the inpainting mask is empty: nothing to regenerate")
-    return mask.float().expand(n, -1, -1, -1)
+        mask = mask.expand(len(image_files), -1, -1, -1)
+    empty = [f for f, m in zip(image_files, mask) if not m.any()]
+    if empty:
+        raise ValueError(f"the inpainting mask is empty on {', '.join(empty)} (after the centre crop): nothing to "
+                         "regenerate")
+    return mask.float()
 
 
 class Job:
@@ -232,7 +259,7 @@ def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
         out = img2img(pipe, inputs, expanded, settings, strength=args.strength, progress=progress)
         return out, expanded, None, {"strength": args.strength}
     if args.mode == "inpaint":
-        mask = read_mask(args, len(inputs), size)
+        mask = read_mask(args, args.image, size)[torch.tensor([i for i, _ in pairs])]  # (B, 1, size, size)
         out = inpaint(pipe, inputs, mask, expanded, settings, progress=progress)
         shown = inputs * (1 - mask) + mask * torch.tensor([1.0, -1.0, 1.0]).reshape(1, 3, 1, 1)  # magenta = masked
         return (torch.stack([x for pair in zip(shown, out) for x in pair]),

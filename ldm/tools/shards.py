@@ -47,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--size", type=int, help="resize the shorter side to PX and centre-crop a square (default: keep)")
     f.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default: 1000)")
-    f.add_argument("--split", default="train", help="split name, the shard file prefix (default: train)")
+    f.add_argument("--split", default="train", help="split name, the shard file prefix: letters, digits, _ and - "
+                   "(default: train)")
     f.add_argument("--format", dest="image_format", choices=("jpg", "png"), default="jpg", help="image encoding")
     f.add_argument("--file-column", help="caption table column with the image file name")
     f.add_argument("--caption-column", help="caption table column with the caption")

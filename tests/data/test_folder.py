@@ -81,3 +81,42 @@ def test_no_usable_image_fails_cleanly(tmp_path):
     with pytest.raises(ValueError, match="no usable images"):
         folder_to_shards(src, tmp_path / "out", progress=False)
     assert not list((tmp_path / "out").glob("*"))  # nothing half-written
+
+
+def _captioned(src, n=2):
+    for name in _images(src, n=n):
+        (src / name).with_suffix(".txt").write_text(f"a caption of {name}")
+
+
+def _files(root):
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("split", ["../../x", "a/b", "*", "train?", "", ".hidden", "val x"])
+def test_split_names_that_are_not_plain_names_are_refused(tmp_path, split, capsys):
+    """A split name is a file-name prefix inside --out: no path parts (writing outside --out) and no glob
+    characters (``--split '*' --overwrite`` removed every other split)."""
+    from ldm.tools.shards import main
+
+    src, out = tmp_path / "deep/er/src", tmp_path / "deep/er/out"
+    _captioned(src)
+    folder_to_shards(src, out, split="val", shard_size=1, progress=False)
+    before = _files(tmp_path)
+    assert main(["from-folder", "--images", str(src), "--out", str(out), "--split", split, "--overwrite",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid split name {split!r}" in err and "[A-Za-z0-9_-]+" in err
+    assert _files(tmp_path) == before  # nothing written anywhere, the val split untouched
+    with pytest.raises(ValueError, match="invalid split name"):
+        folder_to_shards(src, out, split=split, overwrite=True, progress=False)
+
+
+def test_overwriting_a_split_leaves_splits_with_a_longer_name_alone(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    _captioned(src)
+    folder_to_shards(src, out, split="train-extra", shard_size=1, progress=False)
+    folder_to_shards(src, out, split="train", shard_size=1, progress=False)
+    folder_to_shards(src, out, split="train", shard_size=2, overwrite=True, progress=False)
+    assert _files(out) == ["stats.json", "train-000000.tar", "train-extra-000000.tar", "train-extra-000001.tar"]
+    stats = json.loads((out / "stats.json").read_text())["splits"]
+    assert stats["train"]["samples"] == 2 and stats["train-extra"]["samples"] == 2

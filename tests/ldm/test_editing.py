@@ -214,3 +214,28 @@ def test_inpainting_settings_are_checked(shapes_dir, stage_runs):
         LDMCLI(args=[*base, "--model.init_args.inpainting=false"], run=False)
     with pytest.raises(ValueError, match="concat_channels = latent channels \\+ 1 = 5, got 4"):
         LDMCLI(args=[*base, "--model.init_args.unet.init_args.concat_channels=4"], run=False)
+
+
+def test_sample_cli_inpaints_what_the_mask_covers_on_a_non_square_image(ldm_run, tmp_path, monkeypatch, capsys):
+    """The input is centre-cropped, so the mask must be too: a mask over x 8..23 of a 64x32 image regenerates
+    columns 0..7 of the 32 px square (shown magenta in the "input + mask" tile), not a stretched x 4..11."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm.tools.sample import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (64, 32), (128, 128, 128)).save("wide.png")
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (8, 0, 24, 32))
+    mask.save("mask.png")
+    common = ["--ckpt", str(ldm_run.run_dir), "--steps", "2", "--quiet", "--mode", "inpaint", "--image", "wide.png",
+              "--prompt", "a red circle", "--size", "32"]
+    assert main([*common, "--mask", "mask.png", "--out", "a/grid.png"]) == 0
+    shown = np.asarray(Image.open(next((tmp_path / "a/grid").glob("000-*.png"))).convert("RGB")).astype(int)
+    magenta = (shown == [255, 0, 255]).all(axis=-1)  # (32, 32)
+    assert magenta.all(axis=0).nonzero()[0].tolist() == list(range(8))
+    assert not magenta[:, 8:].any()
+    Image.new("L", (32, 32), 255).save("square.png")
+    assert main([*common, "--mask", "square.png", "--out", "b/grid.png"]) == 2
+    assert "--mask square.png is 32x32 but --image wide.png is 64x32" in capsys.readouterr().err
