@@ -14,13 +14,15 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import yaml
-from pytorch_lightning import Trainer
+from pytorch_lightning import Callback, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import (
     LightningArgumentParser,
     LightningCLI,
@@ -28,12 +30,14 @@ from pytorch_lightning.cli import (
 )
 from pytorch_lightning.loggers import WandbLogger
 
-from ldm.callbacks import DataSkipMonitor
-from ldm.config_errors import summarize
+from ldm.callbacks import DataSkipMonitor, StepSeed
+from ldm.callbacks.divergence import DivergenceError, DivergenceGuard
+from ldm.config_errors import describe_failure, summarize
 from ldm.data.urls import ShardPattern
 from ldm.runs import (
     VERSION_ENV,
     RunSettings,
+    RunWandbLogger,
     build_loggers,
     resolve_version,
     snake_case,
@@ -72,7 +76,9 @@ class ConfigSaver(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, RunWandbLogger):
+                logger.update_config(config)  # sent when the W&B run starts, at the first logged metrics
+            elif isinstance(logger, WandbLogger):
                 logger.experiment.config.update(config, allow_val_change=True)
 
 
@@ -93,10 +99,47 @@ class LDMCLI(LightningCLI):
         kwargs.setdefault("parser_class", LDMArgumentParser)
         kwargs.setdefault("save_config_callback", ConfigSaver)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("trainer_defaults", {"callbacks": [DataSkipMonitor()]})
+        from ldm.checkpoints import AtomicCheckpointGuard
+
+        # checkpoints written atomically and read with weights_only=True (ldm.checkpoints); the guard keeps that
+        # when a config's trainer.plugins replaces the default list. StepSeed and DivergenceGuard make a run a
+        # transaction: exact resume, no non-finite step or checkpoint.
+        kwargs.setdefault("trainer_defaults", {
+            "callbacks": [DataSkipMonitor(), StepSeed(), DivergenceGuard(), AtomicCheckpointGuard()],
+            "plugins": [{"class_path": "ldm.checkpoints.AtomicCheckpointIO"}]})
         kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate latent-diffusion stages.",
                                             "epilog": _epilog()})
-        super().__init__(args=args, run=run, **kwargs)
+        self._started = _TrainingStarted()
+        self._created: str | None = None  # the first folder of the run's path that this start created
+        try:
+            super().__init__(args=args, run=run, **kwargs)
+        except (SystemExit, KeyboardInterrupt, DivergenceError):
+            raise
+        except Exception as exn:
+            if self._started.started:
+                raise
+            self._discard_failed_start()
+            raise StartError(describe_failure(exn, self._plain_config())) from exn
+
+    def _plain_config(self) -> dict:
+        config = getattr(self, "config", None)
+        if config is None:
+            return {}
+        section = config.get(self.subcommand) if getattr(self, "subcommand", None) else config
+        try:
+            return section.clone().as_dict() if section is not None else {}
+        except Exception:  # a partly parsed config: name no key rather than fail while reporting
+            return {}
+
+    def _discard_failed_start(self) -> None:
+        """A start that failed before its first training step leaves nothing behind: its run folder (with the
+        W&B files, config and any checkpoint) is removed, unless it existed before (a resume)."""
+        trainer = getattr(self, "trainer", None)
+        for logger in (trainer.loggers if trainer is not None else []):
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger._experiment.finish(exit_code=2)
+        if self._created and _is_main_process() and os.path.isdir(self._created):
+            shutil.rmtree(self._created, ignore_errors=True)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         kwargs.setdefault("formatter_class", _formatter())
@@ -132,11 +175,42 @@ class LDMCLI(LightningCLI):
             version = resolve_version(run.root, name, run.version)
             os.environ[VERSION_ENV] = version  # processes spawned for DDP join the same folder
             self.run_dir = os.path.join(run.root, name, version)
+            if self.subcommand == "fit" and _is_main_process():
+                self._refuse_foreign_run_folder()
+            self._created = _first_missing(self.run_dir)
             kwargs["logger"] = build_loggers(run, name, version)
             if trainer_cfg.get("default_root_dir") is None:
                 # SLURM requeue checkpoints (hpc_ckpt_*.ckpt) go to, and are resumed from, the run folder
                 kwargs["default_root_dir"] = self.run_dir
         return super().instantiate_trainer(**kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_checkpointing", True) is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in configured):
+            callbacks = [*callbacks, default_checkpointing(self.model)]
+        # a default callback configured by the user (e.g. DivergenceGuard with another patience) replaces ours
+        defaults = self.trainer_defaults.get("callbacks", [])
+        kept = [d for d in defaults if not any(type(c) is type(d) for c in configured)]
+        self.trainer_defaults["callbacks"] = kept
+        try:
+            return super()._instantiate_trainer(config, [*callbacks, self._started])
+        finally:
+            self.trainer_defaults["callbacks"] = defaults
+
+    def _refuse_foreign_run_folder(self) -> None:
+        """Two runs never share a folder (e.g. two ``ldm fit`` in one SLURM job): a folder that holds a run's
+        config is only entered to resume it (``--ckpt_path``, or a SLURM requeue with its hpc checkpoint)."""
+        if not os.path.isfile(os.path.join(self.run_dir, "config.yaml")):
+            return
+        if self.config[self.subcommand].get("ckpt_path") is not None:
+            return
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        hpc = any(f.startswith("hpc_ckpt_") for f in os.listdir(self.run_dir))
+        if requeued or (os.environ.get("SLURM_JOB_ID") and hpc):
+            return
+        raise StartError(f"the run folder {self.run_dir} already holds another run (its config.yaml); resume it "
+                         "with --ckpt_path, or start a new run with another --run.version or --run.name")
 
     def after_fit(self) -> None:
         """Write ``checkpoints/last.ckpt`` with the weights of the last step. Lightning's default checkpoint
@@ -155,6 +229,76 @@ class LDMCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         finally:
             os.environ.pop(VERSION_ENV, None)
+
+
+class StartError(Exception):
+    """A run that could not start: one line for the user, exit status 2, nothing left behind."""
+
+
+class _TrainingStarted(Callback):
+    """Marks the first training batch: errors before it are start failures (one line, exit 2, cleaned up)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def _start(self, trainer: Trainer) -> None:
+        self.started = True
+        for logger in trainer.loggers:
+            if isinstance(logger, RunWandbLogger):
+                logger.allow_start()
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        self._start(trainer)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if not trainer.training and trainer.state.fn != "fit":  # ldm validate; the sanity check is not a start
+            self._start(trainer)
+
+    def on_test_batch_start(self, trainer: Trainer, pl_module, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._start(trainer)
+
+
+def default_checkpointing(model: Any) -> ModelCheckpoint:
+    """The best checkpoint by the stage's validation metric (``checkpoint_monitor`` of the system, default
+    ``("val/loss", "min")``) and ``last.ckpt`` at every validation; ``ldm fit`` also writes ``last.ckpt`` at the end."""
+    monitor, mode = getattr(model, "checkpoint_monitor", ("val/loss", "min"))
+    return ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, save_last=True, filename="best-{epoch}-{step}")
+
+
+def _is_main_process() -> bool:
+    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of ``path`` that does not exist yet (what a failed start must remove), or None."""
+    missing = None
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        missing = current
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return missing
+
+
+def _yaml_problem(args: Sequence[str]) -> str | None:
+    """A config file given with ``-c``/``--config`` that is not valid YAML, named with the parser's position."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("-c", "--config") and i + 1 < len(args) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if not path or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            return f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}"
+    return None
 
 
 def _formatter():
@@ -179,7 +323,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # our train stream defines __len__ on purpose: every worker yields its exact share of the epoch
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-    LDMCLI(args=None if argv is None else args)
+    command = f"ldm {args[0]}" if args and not args[0].startswith("-") else "ldm"
+    if problem := _yaml_problem(args):
+        print(f"{command}: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        LDMCLI(args=None if argv is None else args)
+    except StartError as e:
+        if os.environ.get("LDM_TRACEBACK"):
+            raise
+        print(f"{command}: error: {e}\n(the run did not start; LDM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
+    except DivergenceError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -57,3 +57,51 @@ def summarize(message: str) -> list[str]:
         elif stack:
             found.append(f"{path()}: {text.removeprefix('- ').removeprefix('Not of type ShardPattern: ')}")
     return list(dict.fromkeys(found))
+
+
+# -- errors raised while building the run (after parsing, before the first training step) ------------------
+
+
+def root_cause(exn: BaseException) -> BaseException:
+    """The innermost exception of a chain (jsonargparse and Lightning wrap what a constructor raised)."""
+    seen = {id(exn)}
+    while (inner := exn.__cause__ or exn.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        exn = inner
+    return exn
+
+
+def _leaves(tree: object, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _leaves(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{prefix}[{i}]")]
+    return [(prefix, tree)]
+
+
+def blame_key(message: str, config: dict) -> str | None:
+    """The one config key a failure message points at: a key whose name is a word of the message
+    (``batch_size must be >= 1``), else the one key whose value it quotes (a checkpoint path, ``-5``)."""
+    every = [(k, v) for k, v in _leaves(config) if not k.startswith(("config", "__"))]
+    leaves = [(k, v) for k, v in every if v is not None and not isinstance(v, bool)]
+    def named(key: str) -> bool:  # "data.val" for data.init_args.val, or an identifier like batch_size
+        last = key.rsplit(".", 1)[-1]
+        short = f"{key.split('.', 1)[0]}.{last}"
+        return short in message or ("_" in last and re.search(rf"(?<![\w.]){re.escape(last)}(?!\w)", message) is not None)
+
+    by_name = [k for k, _ in every if named(k)]
+    if len(by_name) == 1:
+        return by_name[0]
+    by_value = [k for k, v in leaves if len(str(v)) >= 2
+                and re.search(rf"(?<![\w./-]){re.escape(str(v))}(?![\w/]|\.\d)", message)]
+    return by_value[0] if len(by_value) == 1 else None
+
+
+def describe_failure(exn: BaseException, config: dict) -> str:
+    """One line: ``<config key>: <what went wrong>`` (the key where one can be named)."""
+    cause = root_cause(exn)
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    if not isinstance(cause, (ValueError, TypeError, FileNotFoundError, KeyError)):
+        text = f"{type(cause).__name__}: {text}"
+    key = blame_key(str(cause), config)
+    return f"{key}: {text}" if key else text

@@ -28,12 +28,13 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.loggers.logger import DummyExperiment, rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_only
 
 log = logging.getLogger("ldm")
 
@@ -91,6 +92,60 @@ class RunCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class RunWandbLogger(WandbLogger):
+    """WandbLogger that starts the W&B run when training (or evaluation) starts, not at setup.
+
+    Lightning creates the W&B run in its setup hook and logs hyperparameters (our config saver the
+    resolved config) before training, so a start that then fails (a missing checkpoint, a bad learning
+    rate) would leave a W&B run behind. Until :meth:`allow_start` (called by ``ldm fit`` at the first
+    training batch, or the first validation / test batch of ``ldm validate|test``) or the first logged
+    metrics, ``experiment`` is a no-op stand-in and the hyperparameters and config are queued.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._pending: list[tuple[str, Any]] = []
+        self._may_start = False
+
+    def allow_start(self) -> None:
+        self._may_start = True
+
+    @property
+    def experiment(self) -> Any:
+        if not self._may_start and self._experiment is None:
+            return DummyExperiment()
+        starting = self._experiment is None
+        experiment = WandbLogger.experiment.fget(self)  # rank-zero only: a dummy on other ranks
+        if starting and self._experiment is not None:
+            pending, self._pending = self._pending, []
+            for kind, value in pending:
+                if kind == "hparams":
+                    super().log_hyperparams(value)
+                else:
+                    experiment.config.update(value, allow_val_change=True)
+        return experiment
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        if self._experiment is None:
+            self._pending.append(("hparams", params))
+        else:
+            super().log_hyperparams(params)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        self._may_start = True
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
+    def update_config(self, config: dict[str, Any]) -> None:
+        """Put the resolved config into the W&B run's config (now, or when the run starts)."""
+        if self._experiment is None:
+            self._pending.append(("config", config))
+        else:
+            self.experiment.config.update(config, allow_val_change=True)
 
 
 def snake_case(name: str) -> str:
@@ -161,7 +216,7 @@ def build_loggers(run: RunSettings, name: str, version: str) -> list[Logger]:
                 "W&B is logging offline (no API key found, or WANDB_MODE=offline) to %s/wandb. "
                 "Upload later with: wandb sync %s/wandb/offline-run-*", run_dir, run_dir,
             )
-        loggers.append(WandbLogger(
+        loggers.append(RunWandbLogger(
             project=run.project, name=f"{name}/{version}", group=run.group or name, tags=list(run.tags) or None,
             notes=run.notes, entity=run.entity, save_dir=str(run_dir), offline=mode == "offline",
             mode=mode, id=_wandb_id(run_dir), resume="allow", log_model=False,

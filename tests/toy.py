@@ -32,7 +32,11 @@ class CharTokenizer:
 
 
 class ToySystem(L.LightningModule):
-    def __init__(self, channels: int = 8, lr: float = 0.01, token_length: int = 32, record: str | None = None):
+    def __init__(self, channels: int = 8, lr: float = 0.01, token_length: int = 32, record: str | None = None,
+                 nan_loss_steps: list[int] | None = None, nan_loss_from: int | None = None,
+                 nan_weights_at: int | None = None):
+        """``nan_loss_steps`` / ``nan_loss_from``: steps whose loss is NaN (divergence tests);
+        ``nan_weights_at``: the step after which a weight is set to NaN behind the optimizer's back."""
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -42,6 +46,8 @@ class ToySystem(L.LightningModule):
         self.lr = lr
         self.record = record
         self._seen: dict[str, list] = {"train": [], "val": []}
+        self.nan_loss_steps, self.nan_loss_from = set(nan_loss_steps or []), nan_loss_from
+        self.nan_weights_at = nan_weights_at
 
     def _loss(self, batch) -> torch.Tensor:
         target = batch["image"].mean(dim=(2, 3))  # (B, 3)
@@ -50,9 +56,17 @@ class ToySystem(L.LightningModule):
     def training_step(self, batch, batch_idx):
         assert batch["tokens"].shape == (len(batch["text"]), self.tokenizer.length)
         loss = self._loss(batch).mean()
+        step = self.global_step
+        if step in self.nan_loss_steps or (self.nan_loss_from is not None and step >= self.nan_loss_from):
+            loss = loss * float("nan")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
         self._seen["train"].append(list(batch["key"]))
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.nan_weights_at is not None and self.global_step == self.nan_weights_at:
+            with torch.no_grad():
+                self.net[-1].bias.fill_(float("nan"))
 
     def validation_step(self, batch, batch_idx):
         valid = batch.get("valid", torch.ones(len(batch["key"]), dtype=torch.bool))

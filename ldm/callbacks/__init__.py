@@ -1,8 +1,10 @@
 """Lightning callbacks shared by all systems."""
 
 from ldm.callbacks.data_monitor import DataSkipMonitor
+from ldm.callbacks.divergence import DivergenceGuard
 from ldm.callbacks.evaluation import GenerationEvalCallback
 from ldm.callbacks.reconstructions import ReconstructionLogger
 from ldm.callbacks.samples import SampleLogger
+from ldm.callbacks.step_seed import StepSeed
 
-__all__ = ["DataSkipMonitor", "GenerationEvalCallback", "ReconstructionLogger", "SampleLogger"]
+__all__ = ["DataSkipMonitor", "DivergenceGuard", "GenerationEvalCallback", "ReconstructionLogger", "SampleLogger", "StepSeed"]

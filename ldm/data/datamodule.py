@@ -7,39 +7,112 @@ evaluation stays exact, and :mod:`ldm.data.batch` for the keys of a batch.
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import pytorch_lightning as L
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ldm.data.batch import Tokenizer
 from ldm.data.errors import SkipCounter
-from ldm.data.streams import EvalStream, TrainStream, make_decoder
+from ldm.data.streams import POSITION, EvalStream, StreamStart, TrainStream, WorkerStart, make_decoder
 from ldm.data.urls import ShardPattern, expand_urls, shard_sample_counts
 
 log = logging.getLogger(__name__)
 
 
 class EpochDataLoader(DataLoader):
-    """A DataLoader over a :class:`TrainStream` that hands the trainer's epoch to the workers.
+    """A DataLoader over a :class:`TrainStream` that hands the trainer's epoch to the workers and can
+    resume in the middle of an epoch.
 
     Workers are re-created every epoch (``persistent_workers=False``) and receive a
     copy of the stream, so setting ``stream.epoch`` before ``iter()`` reseeds them.
+
+    Resuming: Lightning saves ``state_dict()`` into every checkpoint and hands it back to
+    ``load_state_dict()`` on ``--ckpt_path`` / SLURM requeue (the ``Stateful`` protocol its fit loop
+    checks for, as torchdata's ``StatefulDataLoader``). The state is the position, in each worker's
+    stream, of the last batch the *model trained on* (``consumed_fn``: the fit loop's count of processed
+    batches of the epoch), not of the last batch fetched: Lightning prefetches ahead. Under DDP every
+    rank's state is gathered into the checkpoint, which rank 0 writes.
     """
 
-    def __init__(self, dataset: TrainStream, epoch_fn=None, **kwargs):
+    def __init__(self, dataset: TrainStream, epoch_fn: Callable[[], int] | None = None,
+                 consumed_fn: Callable[[], int] | None = None, **kwargs):
         kwargs.pop("persistent_workers", None)
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_fn = epoch_fn
+        self.consumed_fn = consumed_fn
         self._iterations = 0
+        self._epoch: int | None = None
+        self._start: StreamStart | None = None  # where the current epoch's iteration began
+        self._positions: list[tuple[int, int, int]] = []  # (role, raw, batches) of each batch since then
+        self._to_load: StreamStart | None = None
 
     def __iter__(self):
-        self.dataset.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
         self._iterations += 1
-        return super().__iter__()
+        stream: TrainStream = self.dataset
+        stream.epoch = epoch
+        start = self._to_load if self._to_load is not None and self._to_load.epoch == epoch else None
+        self._to_load = None
+        if start is not None:
+            log.info("resuming epoch %d of the training data after batch %d (fast-forward, no decoding)",
+                     epoch, start.consumed)
+        stream.start = start
+        try:
+            batches = super().__iter__()  # workers take their copy of the stream (with its start) here
+        finally:
+            stream.start = None
+        workers = max(1, self.num_workers)
+        self._epoch = epoch
+        self._start = start or StreamStart(epoch, 0, tuple(WorkerStart() for _ in range(workers)))
+        self._positions = []
+        return self._track(batches)
+
+    def _track(self, batches):
+        for batch in batches:
+            self._positions.append(batch.pop(POSITION))
+            yield batch
 
     def __len__(self) -> int:
         return self.dataset.batches_per_rank
+
+    # -- resume state -----------------------------------------------------------------------
+    def _local_state(self) -> dict[str, Any] | None:
+        if self._start is None:
+            return None
+        consumed = self.consumed_fn() if self.consumed_fn is not None else self._start.consumed + len(self._positions)
+        workers = [(w.raw, w.batches) for w in self._start.workers]
+        for role, raw, batches in self._positions[: max(0, consumed - self._start.consumed)]:
+            workers[role] = (raw, batches)
+        return {"epoch": self._epoch, "consumed": consumed, "workers": workers}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's data position; collective under DDP (Lightning dumps checkpoints on all ranks)."""
+        local = self._local_state()
+        stream: TrainStream = self.dataset
+        ranks = [local]
+        if stream.world_size > 1 and dist.is_available() and dist.is_initialized():
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, local)
+        return {"version": 1, "world_size": stream.world_size, "batch_size": stream.batch_size,
+                "batches_per_rank": stream.batches_per_rank, "num_workers": max(1, self.num_workers), "ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        stream: TrainStream = self.dataset
+        now = {"world_size": stream.world_size, "batch_size": stream.batch_size,
+               "batches_per_rank": stream.batches_per_rank, "num_workers": max(1, self.num_workers)}
+        changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
+        ranks = state.get("ranks") or []
+        if changed or len(ranks) <= stream.rank or ranks[stream.rank] is None:
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "no data position saved"
+            log.warning("the training data cannot resume exactly where the checkpoint stopped (%s): the "
+                        "current epoch restarts its data stream from the beginning", what)
+            return
+        mine = ranks[stream.rank]
+        self._to_load = StreamStart(int(mine["epoch"]), int(mine["consumed"]),
+                                    tuple(WorkerStart(int(r), int(b)) for r, b in mine["workers"]))
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -100,6 +173,12 @@ class ShardDataModule(L.LightningDataModule):
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def _consumed_batches(self) -> int:
+        """Training batches of the current epoch the model has trained on (Lightning's processed count)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     # -- loaders ------------------------------------------------------------------------
     def train_stream(self) -> TrainStream:
         if self.train_pattern is None:
@@ -132,7 +211,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = self.train_stream()
-        return EpochDataLoader(stream, epoch_fn=self._current_epoch, num_workers=self.num_workers,
+        return EpochDataLoader(stream, epoch_fn=self._current_epoch, consumed_fn=self._consumed_batches,
+                               num_workers=self.num_workers,
                                pin_memory=self._pin_memory())
 
     def _eval_loader(self, split: str) -> DataLoader:

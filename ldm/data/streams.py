@@ -133,8 +133,40 @@ class _Progress:
         return sample
 
 
+#: key of the (role, raw samples read, batches yielded) triple a TrainStream batch carries to the main
+#: process; :class:`~ldm.data.datamodule.EpochDataLoader` pops it before the batch reaches the model
+POSITION = "_position"
+
+
+@dataclass(frozen=True)
+class WorkerStart:
+    """Where one worker role starts an epoch: after ``raw`` samples of its shuffled stream, of which
+    ``batches`` full batches were already yielded (both 0 for a fresh epoch)."""
+
+    raw: int = 0
+    batches: int = 0
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Where a resumed epoch starts: ``consumed`` batches of this rank were trained on, and each worker
+    role's position (index = role). Batch ``i`` of an epoch comes from role ``i % num_workers``, so a
+    resumed DataLoader whose worker ``j`` plays role ``(j + consumed) % num_workers`` yields the remaining
+    batches in the uninterrupted order."""
+
+    epoch: int
+    consumed: int
+    workers: tuple[WorkerStart, ...]
+
+
 class TrainStream(IterableDataset):
-    """Infinite resampled training batches, ``batches_per_rank`` of them per epoch on every rank."""
+    """Infinite resampled training batches, ``batches_per_rank`` of them per epoch on every rank.
+
+    Resumable: every batch carries its position (:data:`POSITION`), and with ``start`` set (a
+    :class:`StreamStart` for the current epoch) each worker fast-forwards its shuffled stream past the
+    samples it had read, without decoding them. Augmentation draws come from a generator seeded per
+    sample (by its index in the worker's stream), so skipped samples need no replay.
+    """
 
     def __init__(self, urls: Sequence[str], decoder: SampleDecoder, *, batch_size: int, batches_per_rank: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
@@ -153,30 +185,58 @@ class TrainStream(IterableDataset):
         self.skips = skips or SkipCounter("train")
         self.tokenizer = tokenizer
         self.epoch = 0  # set by the loader before each epoch, copied into the workers
+        self.start: StreamStart | None = None  # set by the loader for a resumed epoch
 
     def batches_for_worker(self, worker: int, num_workers: int) -> int:
         """Batches this worker yields; the DataLoader round-robins workers, so ranks total exactly."""
         return len(range(worker, self.batches_per_rank, num_workers))
 
-    def _decode(self, rng: random.Random, sample: dict[str, Any]) -> dict[str, Any]:
-        return self.decoder(sample, rng)
+    def _role(self, worker: int, num_workers: int) -> tuple[int, WorkerStart]:
+        start = self.start
+        if start is None or start.epoch != self.epoch:
+            return worker, WorkerStart()
+        if len(start.workers) != num_workers:
+            raise ValueError(f"resume state has {len(start.workers)} worker roles, the loader {num_workers}")
+        role = (worker + start.consumed) % num_workers
+        return role, start.workers[role]
 
     def __iter__(self) -> Iterator[Batch]:
         worker, num_workers = _worker()
-        n = self.batches_for_worker(worker, num_workers)
-        if n == 0:
+        role, begin = self._role(worker, num_workers)
+        remaining = self.batches_for_worker(role, num_workers) - begin.batches
+        if remaining <= 0:
             return iter(())
-        base = (self.seed, self.epoch, self.rank, worker)
+        base = (self.seed, self.epoch, self.rank, role)
         progress = _Progress(limit=max(50, 3 * len(self.urls)), urls=self.urls)
-        pipeline = wds.DataPipeline(
+        samples = wds.DataPipeline(
             partial(progress.shards, random.Random(_seed(*base, 0))),
             wds.tarfile_to_samples(handler=self.skips),
             wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), rng=random.Random(_seed(*base, 1))),
-            wds.map(partial(self._decode, random.Random(_seed(*base, 2))), handler=self.skips),
-            wds.map(progress.count),
-            wds.batched(self.batch_size, collation_fn=partial(collate, tokenizer=self.tokenizer), partial=False),
-        ).with_epoch(n)
-        return iter(pipeline)
+        )
+        return self._batches(iter(samples), base, role, begin, remaining, progress)
+
+    def _batches(self, samples: Iterator[dict[str, Any]], base: tuple[int, ...], role: int, begin: WorkerStart,
+                 remaining: int, progress: _Progress) -> Iterator[Batch]:
+        for _ in range(begin.raw):  # fast-forward: read and shuffled as before, not decoded
+            next(samples)
+        raw, done, buf = begin.raw, begin.batches, []
+        for sample in samples:  # infinite: shards are drawn with replacement
+            raw += 1
+            try:
+                item = self.decoder(sample, random.Random(_seed(*base, 2, raw)))
+            except Exception as exn:  # counted and skipped (the handler re-raises what it does not skip)
+                if self.skips(exn):
+                    continue
+                raise
+            buf.append(progress.count(item))
+            if len(buf) < self.batch_size:
+                continue
+            batch, buf, done = collate(buf, self.tokenizer), [], done + 1
+            batch[POSITION] = (role, raw, done)
+            yield batch
+            remaining -= 1
+            if remaining == 0:
+                return
 
 
 def _log_and_continue(exn: BaseException) -> bool:
