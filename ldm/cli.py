@@ -119,7 +119,9 @@ class LDMCLI(LightningCLI):
             if self._started.started:
                 raise
             self._discard_failed_start()
-            raise StartError(describe_failure(exn, self._plain_config())) from exn
+            # raised as it is (in-process callers catch what they expect); main() prints this one line instead
+            exn.ldm_start_failure = describe_failure(exn, self._plain_config())
+            raise
 
     def _plain_config(self) -> dict:
         config = getattr(self, "config", None)
@@ -182,6 +184,9 @@ class LDMCLI(LightningCLI):
             if trainer_cfg.get("default_root_dir") is None:
                 # SLURM requeue checkpoints (hpc_ckpt_*.ckpt) go to, and are resumed from, the run folder
                 kwargs["default_root_dir"] = self.run_dir
+        strategy = ddp_strategy_for(self.model, trainer_cfg.get("strategy"))
+        if strategy != trainer_cfg.get("strategy"):
+            kwargs["strategy"] = strategy
         return super().instantiate_trainer(**kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
@@ -231,8 +236,8 @@ class LDMCLI(LightningCLI):
             os.environ.pop(VERSION_ENV, None)
 
 
-class StartError(Exception):
-    """A run that could not start: one line for the user, exit status 2, nothing left behind."""
+class StartError(ValueError):
+    """A run that may not start (its folder belongs to another run): one line, exit status 2."""
 
 
 class _TrainingStarted(Callback):
@@ -260,10 +265,30 @@ class _TrainingStarted(Callback):
         self._start(trainer)
 
 
+def ddp_strategy_for(model: Any, strategy: Any) -> Any:
+    """``strategy``, with DDP's unused-parameter detection on for a system that declares it needs it.
+
+    A system with ``ddp_find_unused_parameters = True`` (the autoencoder: generator and discriminator each sit
+    out one of its two backward passes) crashes under plain ``ddp`` at its second step; a strategy name such as
+    ``ddp`` (what slurm/fit.sbatch passes) becomes Lightning's registered ``ddp_find_unused_parameters_true``.
+    Anything else (an explicit ``*_find_unused_parameters_false``, a strategy object) is left as given.
+    """
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    if isinstance(strategy, str) and getattr(model, "ddp_find_unused_parameters", False):
+        detecting = f"{strategy}_find_unused_parameters_true"
+        if detecting in StrategyRegistry:
+            return detecting
+    return strategy
+
+
 def default_checkpointing(model: Any) -> ModelCheckpoint:
-    """The best checkpoint by the stage's validation metric (``checkpoint_monitor`` of the system, default
-    ``("val/loss", "min")``) and ``last.ckpt`` at every validation; ``ldm fit`` also writes ``last.ckpt`` at the end."""
-    monitor, mode = getattr(model, "checkpoint_monitor", ("val/loss", "min"))
+    """The best checkpoint by the stage's validation metric (the system's ``checkpoint_monitor``, e.g.
+    ``("val/loss", "min")``) and ``last.ckpt`` at every validation; ``ldm fit`` also writes ``last.ckpt`` at the
+    end. A system without ``checkpoint_monitor`` keeps Lightning's default: the newest checkpoint of each epoch."""
+    monitor, mode = getattr(model, "checkpoint_monitor", (None, "min"))
+    if monitor is None:
+        return ModelCheckpoint(save_last=True)
     return ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, save_last=True, filename="best-{epoch}-{step}")
 
 
@@ -329,14 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         LDMCLI(args=None if argv is None else args)
-    except StartError as e:
-        if os.environ.get("LDM_TRACEBACK"):
-            raise
-        print(f"{command}: error: {e}\n(the run did not start; LDM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
-        return 2
     except DivergenceError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:
+        line = getattr(e, "ldm_start_failure", None)  # set by LDMCLI for a start that failed before training
+        if line is None or os.environ.get("LDM_TRACEBACK"):
+            raise
+        print(f"{command}: error: {line}\n(the run did not start; LDM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

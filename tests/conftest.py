@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,14 @@ def shapes_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def three_val_dir(tmp_path_factory) -> Path:
+    """3 val scenes in one shard, at 32 px: split over 2 ranks with a batch of 1, rank 1's second batch is padding."""
+    out = tmp_path_factory.mktemp("three-val")
+    write_synthetic_shards(out, train=0, val=3, size=32, seed=5, progress=False)
+    return out
+
+
 def ldm_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "LDM_"))}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -42,10 +51,22 @@ def ldm_env(**extra: str) -> dict[str, str]:
 
 
 def run_ldm(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    """Run the real `ldm` console script in a subprocess."""
+    """Run the real `ldm` console script in a subprocess.
+
+    It runs in its own session, and running past ``timeout`` kills the whole session before
+    ``TimeoutExpired`` is raised: DDP ranks > 0 are children of rank 0, and a hung rank would
+    otherwise outlive the test (and hold the CPUs of the next ones).
+    """
     ldm = Path(sys.executable).with_name("ldm")
-    return subprocess.run([str(ldm), *args], cwd=cwd, env=ldm_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+    with subprocess.Popen([str(ldm), *args], cwd=cwd, env=ldm_env(**env), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="session")

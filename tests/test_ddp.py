@@ -67,3 +67,93 @@ def test_two_rank_contrastive_validation_equals_one_process(shapes_dir, tmp_path
     single = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(system, dm, verbose=False)[0]
     for key in ("val/i2t_R@1", "val/i2t_R@5", "val/t2i_R@5", "val/t2i_R@10", "val/zero_shot/colour"):
         assert abs(float(logged[key]) - single[key]) < 1e-6, (key, logged[key], single[key])
+
+
+# -- validation with a padding-only batch on one rank (3 samples, a batch of 1, 2 ranks) ------------------------------
+def _last_validation(run, key: str) -> dict[str, float]:
+    """The figures of the last row of ``metrics.csv`` that logged ``key``."""
+    import csv
+
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get(key)]
+    assert rows, f"{key} was never logged"
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v != ""}
+
+
+def single_process_validation(run, val_dir, val_batch_size: int) -> dict[str, float]:
+    """One process validates the run's saved checkpoint on the same split (at another batch size)."""
+    import pytorch_lightning as L
+
+    from ldm.data import ShardDataModule
+    from ldm.systems import load_system
+
+    system = load_system(run)
+    dm = ShardDataModule(val=f"{val_dir}/val-*.tar", image_size=32, val_batch_size=val_batch_size, num_workers=0,
+                         tokenizer=getattr(system, "tokenizer", None))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return {k: float(v) for k, v in trainer.validate(system, dm, verbose=False)[0].items()}
+
+
+def assert_same_figures(logged: dict[str, float], single: dict[str, float], keys: list[str]) -> None:
+    for key in keys:
+        assert key in logged and key in single, (key, sorted(logged), sorted(single))
+        assert abs(logged[key] - single[key]) < 1e-5, (key, logged[key], single[key])
+
+
+PADDED_VAL = ["--data.val_batch_size=1", "--data.num_workers=0", "--trainer.strategy=ddp", "--trainer.devices=2",
+              "--trainer.max_epochs=-1", "--trainer.limit_val_batches=1.0", "--trainer.log_every_n_steps=1"]
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_contrastive_validation_with_a_padding_only_batch(shapes_dir, three_val_dir, tmp_path):
+    """Rank 1's last validation batch is all padding: no hang, and every figure (the loss over the whole split
+    included) equals one process validating the saved checkpoint at another batch size."""
+    res = run_ldm([
+        "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
+        f"--data.train={shapes_dir}/train-*.tar", f"--data.val={three_val_dir}/val-*.tar", "--data.batch_size=8",
+        *PADDED_VAL, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+    ], cwd=tmp_path, timeout=150)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = tmp_path / "runs/clip-debug/version_0"
+    logged = _last_validation(run, "val/i2t_R@1")
+    single = single_process_validation(run, three_val_dir, val_batch_size=2)
+    assert_same_figures(logged, single, ["val/loss", "val/i2t_R@1", "val/t2i_R@1", "val/zero_shot/colour",
+                                         "val/zero_shot/shape"])
+
+
+@pytest.mark.timeout(300)
+def test_two_rank_autoencoder_trains_across_disc_start_and_validates_padding(shapes_dir, three_val_dir, tmp_path):
+    """``--trainer.strategy=ddp`` (what slurm/fit.sbatch passes) trains the autoencoder across ``disc_start`` (the
+    discriminator is unused before it, the generator in the discriminator's backward after it), and its
+    validation with a padding-only batch on rank 1 equals one process's."""
+    res = run_ldm([
+        "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/autoencoder/kl-f4-debug.yaml"),
+        f"--data.train={shapes_dir}/train-*.tar", f"--data.val={three_val_dir}/val-*.tar", "--data.batch_size=4",
+        "--data.image_size=32", *PADDED_VAL, "--trainer.max_steps=6", "--trainer.val_check_interval=4",
+        "--model.init_args.loss.init_args.disc_start=2",
+    ], cwd=tmp_path, timeout=150)
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = tmp_path / "runs/kl-f4-debug/version_0"
+    import csv
+
+    # 4 batches: 2 generator steps, then 2 batches of a generator and a discriminator step (each counts in max_steps)
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("train/loss")]
+    assert len(rows) == 4, [r["step"] for r in rows]
+    assert not rows[0].get("train/d_loss") and not rows[1].get("train/d_loss")  # before disc_start
+    for r in rows[2:]:  # the GAN phase: the terms of the discriminator's game logged, and finite
+        for key in ("train/d_loss", "train/g_adv", "train/logits_real", "train/logits_fake"):
+            assert r.get(key) and abs(float(r[key])) < 1e6, (r["step"], key, r.get(key))
+    logged = _last_validation(run, "val/psnr")
+    single = single_process_validation(run, three_val_dir, val_batch_size=2)
+    assert_same_figures(logged, single, ["val/psnr", "val/ssim", "val/rec"])
+
+
+def test_ddp_is_mapped_to_unused_parameter_detection_only_for_systems_that_need_it():
+    from ldm.cli import ddp_strategy_for
+    from ldm.systems import AutoencoderSystem, ContrastiveSystem
+
+    assert AutoencoderSystem.ddp_find_unused_parameters and not hasattr(ContrastiveSystem, "ddp_find_unused_parameters")
+    assert ddp_strategy_for(AutoencoderSystem, "ddp") == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for(AutoencoderSystem, "ddp_spawn") == "ddp_spawn_find_unused_parameters_true"
+    for given in ("auto", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true", None):
+        assert ddp_strategy_for(AutoencoderSystem, given) == given  # a user's explicit choice stands
+    assert ddp_strategy_for(ContrastiveSystem, "ddp") == "ddp"  # no extra graph traversal where none is needed

@@ -44,6 +44,12 @@ class DiagonalGaussian(nn.Module):
         return z, {"kl": kl, "mean": mean, "std": std}
 
 
+def code_perplexity(counts: Tensor) -> Tensor:
+    """exp(H(p)) of the code usage p = counts / sum(counts) (K,): the number of codes in effective use."""
+    probs = counts / counts.sum()
+    return torch.exp(-(probs * (probs + 1e-10).log()).sum())
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, in_channels: int = 4, num_codes: int = 512, latent_channels: int | None = None,
                  ema: bool = False, decay: float = 0.99, l2_normalize: bool = False, restart_after: int = 0,
@@ -88,8 +94,7 @@ class VectorQuantizer(nn.Module):
         commit_loss = per_sample((flat - quant.detach()) ** 2)
         z = flat + (quant - flat).detach()  # straight-through
         z = rearrange(z, "(b h w) d -> b d h w", b=b, h=hh, w=ww)
-        probs = counts / counts.sum()
-        perplexity = torch.exp(-(probs * (probs + 1e-10).log()).sum())
+        perplexity = code_perplexity(counts)
         return z, {"codebook_loss": codebook_loss, "commit_loss": commit_loss, "perplexity": perplexity,
                    "usage": (counts > 0).float().mean(), "indices": rearrange(indices, "(b h w) -> b h w", b=b, h=hh)}
 

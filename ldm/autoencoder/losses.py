@@ -76,6 +76,11 @@ class AutoencoderLoss(nn.Module):
     def uses_gan(self, step: int) -> bool:
         return self.disc_weight > 0 and step >= self.disc_start
 
+    @property
+    def reconstruction_names(self) -> list[str]:
+        """The names :meth:`reconstruction_terms` returns, known before any batch (validation sums them by name)."""
+        return ["rec", "perceptual"] if self.perceptual is not None else ["rec"]
+
     def reconstruction_terms(self, x: Tensor, recon: Tensor) -> dict[str, Tensor]:
         """Per-sample pixel (and perceptual) losses (B,)."""
         diff = (x - recon).abs() if self.reconstruction == "l1" else (x - recon) ** 2

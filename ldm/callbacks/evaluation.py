@@ -12,12 +12,11 @@ compositional verdict).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytorch_lightning as L
 import torch
 from pytorch_lightning.loggers import WandbLogger
 
+from ldm.callbacks.folders import images_folder
 from ldm.callbacks.samples import averaged_for_inference
 from ldm.data.preview import caption_grid
 from ldm.data.transforms import to_pil
@@ -105,7 +104,7 @@ class GenerationEvalCallback(L.Callback):
         evalset = self._evalset
         pil = to_pil(result.images[:k])
         grid = caption_grid(list(zip(pil, result.labels(evalset, k), strict=True)), cell=96, caption_lines=5)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
+        folder = images_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"eval-step{trainer.global_step:07d}.png")
         for logger in trainer.loggers:

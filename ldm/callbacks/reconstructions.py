@@ -15,6 +15,8 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from torchvision.utils import make_grid, save_image
 
+from ldm.callbacks.folders import images_folder
+
 
 class ReconstructionLogger(L.Callback):
     def __init__(self, every_n_steps: int = 500, n: int = 8):
@@ -46,7 +48,7 @@ class ReconstructionLogger(L.Callback):
         recon = pl_module.autoencoder(x)[0].clamp(-1, 1)
         pl_module.train(was_training)
         grid = make_grid(torch.cat([x, recon]).add(1).div(2).cpu(), nrow=len(x), padding=2)  # (3, H', W')
-        folder = Path(trainer.log_dir or ".") / "images"
+        folder = images_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"reconstructions-step{trainer.global_step:07d}.png"
         save_image(grid, path)

@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.loggers import WandbLogger
 
+from ldm.callbacks.folders import images_folder
 from ldm.data.preview import caption_grid
 from ldm.data.transforms import to_pil
 from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
@@ -85,7 +86,7 @@ class SampleLogger(L.Callback):
         with averaged_for_inference(trainer, pl_module) as module:
             images = TextToImage(module)(self.prompts, self.settings, image_size=self.image_size, progress=False)
         grid = caption_grid(list(zip(to_pil(images), self.prompts)), cell=self.cell)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
+        folder = images_folder(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"samples-step{trainer.global_step:07d}.png"
         grid.save(path)

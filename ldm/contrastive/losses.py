@@ -9,7 +9,8 @@
   with gradients, and the DDP average again equals the single-process loss.
 
 The rank and world size are read from ``torch.distributed`` at the first call, so the same
-config works on one CPU and on many nodes.
+config works on one CPU and on many nodes. ``gather=False`` scores the given rows alone, as one
+process would, with no collective: for features already gathered from every rank (validation).
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self._impl: nn.Module | None = None
-        self._key: tuple[int, int] | None = None
+        self._impls: dict[tuple[int, int], nn.Module] = {}
 
     def build(self, rank: int, world_size: int) -> nn.Module:
         raise NotImplementedError
 
-    def impl(self) -> nn.Module:
-        key = _rank_world()
-        if self._impl is None or self._key != key:
-            self._impl, self._key = self.build(*key), key
-        return self._impl
+    def impl(self, gather: bool = True) -> nn.Module:
+        """open_clip's loss for this process's rank and world size (``gather=False``: as a single process)."""
+        key = _rank_world() if gather else (0, 1)
+        if key not in self._impls:
+            self._impls[key] = self.build(*key)
+        return self._impls[key]
 
 
 class ClipLoss(ContrastiveLoss):
@@ -48,8 +49,8 @@ class ClipLoss(ContrastiveLoss):
         return ocl.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                logit_bias: Tensor | None = None) -> Tensor:
-        return self.impl()(image_features, text_features, logit_scale)
+                logit_bias: Tensor | None = None, *, gather: bool = True) -> Tensor:
+        return self.impl(gather)(image_features, text_features, logit_scale)
 
 
 class SigLipLoss(ContrastiveLoss):
@@ -59,7 +60,7 @@ class SigLipLoss(ContrastiveLoss):
         return ocl.SigLipLoss(rank=rank, world_size=world_size)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                logit_bias: Tensor | None = None) -> Tensor:
+                logit_bias: Tensor | None = None, *, gather: bool = True) -> Tensor:
         if logit_bias is None:
             raise ValueError("SigLipLoss needs a model with a logit bias: build it with siglip: true")
-        return self.impl()(image_features, text_features, logit_scale, logit_bias)
+        return self.impl(gather)(image_features, text_features, logit_scale, logit_bias)

@@ -294,12 +294,26 @@ class EvalStream(IterableDataset):
 
     def _placeholder(self, index: int) -> dict[str, Any]:
         """A padding row shaped like the real ones (zeros), marked ``valid=False``."""
+        if self._template is None:
+            self._template = self._first_decodable()
         if self._template is not None:
             tensors = {k: torch.zeros_like(v) for k, v in self._template.items() if isinstance(v, torch.Tensor)}
         else:
             size = self.decoder.transform.size
             tensors = {"image": torch.zeros(3, size, size)}
         return {**tensors, "text": "", "meta": {}, "key": f"<pad:{index}>", "valid": False}
+
+    def _first_decodable(self) -> dict[str, Any] | None:
+        """A decoded sample of the split to shape padding rows like, for a rank without a readable sample
+        of its own (its padding must carry ``latent`` / ``clip_*`` too, not only an image), or None."""
+        for _, raw in self._samples(0, min(self.total, 64)):
+            if raw is None:
+                continue
+            try:
+                return self.decoder(raw)
+            except Exception:  # noqa: BLE001 - any bad sample: try the next one
+                continue
+        return None
 
     def _mine(self, local: int, worker: int, num_workers: int) -> bool:
         # batches go to workers round-robin, as the DataLoader collects them: the order is the shard order

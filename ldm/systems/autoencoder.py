@@ -4,22 +4,34 @@ Manual optimisation of the generator (encoder, bottleneck, decoder) and the disc
 each with linear LR warmup and gradient-norm clipping; every named loss term is logged.
 The latent scale factor (1 / std of the unscaled latents) is tracked on the training
 batches with exponential moving moments and written into the autoencoder's buffer, so
-every checkpoint carries the factor of its own encoder. Validation: PSNR, SSIM, codebook
-perplexity (VQ), and rFID when Inception weights are available locally.
+every checkpoint carries the factor of its own encoder. Validation: PSNR, SSIM, the mean
+reconstruction terms, codebook perplexity (VQ), and rFID when Inception weights are available
+locally, each over the valid rows of the whole split, reduced across ranks once per epoch (a rank
+may hold only padding rows), so the figures are one process's for any world size and batch size.
+
+Under DDP the discriminator takes no part in the generator's loss before ``disc_start`` and the
+generator none in the discriminator's backward after it, so DDP must detect unused parameters:
+the system says so (``ddp_find_unused_parameters``) and ``ldm fit`` turns ``--trainer.strategy=ddp``
+into Lightning's ``ddp_find_unused_parameters_true`` for it; a trainer built by hand with plain DDP
+is refused before the first step, naming that strategy.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import ClassVar
 
 import pytorch_lightning as L
 import torch
 from pytorch_lightning.cli import OptimizerCallable
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from ldm.autoencoder import Autoencoder, AutoencoderLoss
+from ldm.autoencoder.bottlenecks import code_perplexity
 from ldm.data.transforms import to_uint8
+from ldm.systems.validation import Histogram, RowMeans, log_means
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +53,12 @@ class AutoencoderSystem(L.LightningModule):
             (``weights-inception-2015-12-05-6726825d.pth``) for rFID; None = rFID off.
     """
 
+    #: two backward passes per step, each leaving one of generator and discriminator without gradients
+    ddp_find_unused_parameters: ClassVar[bool] = True
+
+    #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
+    checkpoint_monitor = ("val/rec", "min")
+
     def __init__(self, autoencoder: Autoencoder, loss: AutoencoderLoss, optimizer: OptimizerCallable = _adam,
                  disc_optimizer: OptimizerCallable = _adam, warmup_steps: int = 0, gradient_clip: float | None = 1.0,
                  scale_momentum: float = 0.99, fid_weights: str | None = None):
@@ -55,6 +73,9 @@ class AutoencoderSystem(L.LightningModule):
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.fid = self._make_fid(fid_weights)
+        self.val_means = RowMeans(loss.reconstruction_names)
+        num_codes = getattr(autoencoder.bottleneck, "num_codes", None)
+        self.val_codes = Histogram(num_codes) if num_codes else None  # VQ: code usage over the whole split
 
     @staticmethod
     def _make_fid(path: str | None):
@@ -70,6 +91,13 @@ class AutoencoderSystem(L.LightningModule):
         return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path, reset_real_features=True)
 
     # -- optimisation ----------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        ddp = self.trainer.strategy.model if self.trainer is not None else None
+        if isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:
+            raise RuntimeError("the autoencoder needs DDP to find unused parameters (the discriminator sits out the "
+                               "generator's backward and the generator the discriminator's): use "
+                               "strategy='ddp_find_unused_parameters_true' (`ldm fit --trainer.strategy=ddp` does)")
+
     def configure_optimizers(self):
         opt_g = self.optimizer_fn(self.autoencoder.parameters())
         opt_d = self.disc_optimizer_fn(self.loss.discriminator.parameters())
@@ -117,26 +145,38 @@ class AutoencoderSystem(L.LightningModule):
         var = (self.latent_moments[1] - self.latent_moments[0] ** 2).clamp(min=1e-12)
         self.autoencoder.scale_factor.copy_(var.rsqrt())
 
-    # -- validation ------------------------------------------------------------------------
+    # -- validation: local sums per step, one reduction per epoch ---------------------------------
+    def on_validation_epoch_start(self) -> None:
+        for metric in (self.val_means, self.val_codes, self.psnr, self.ssim):
+            if metric is not None:
+                metric.reset()
+
     def validation_step(self, batch, batch_idx):
-        x = batch["image"]
+        x = batch["image"]  # (B, 3, H, W)
         valid = batch.get("valid", torch.ones(len(x), dtype=torch.bool, device=x.device))
-        recon, _, info = self.autoencoder(x)
+        recon, _, info = self.autoencoder(x)  # rows are independent: padding rows change no valid row
+        self.val_means.update(self.loss.reconstruction_terms(x, recon), valid)  # (B,) per term
+        if self.val_codes is not None:
+            self.val_codes.update(info["indices"], valid)  # (B, h, w) code indices
         x, recon = x[valid], recon[valid]
-        if len(x) == 0:
+        if len(x) == 0:  # only padding here; the metrics still reduce on every rank at the epoch's end
             return
-        terms = {k: v.mean() for k, v in self.loss.reconstruction_terms(x, recon).items()}
         real, fake = (x.clamp(-1, 1) + 1) / 2, (recon.clamp(-1, 1) + 1) / 2
         self.psnr.update(fake, real)
         self.ssim.update(fake, real)
         if self.fid is not None:
             self.fid.update(to_uint8(x), real=True)
             self.fid.update(to_uint8(recon), real=False)
-        if "perplexity" in info:
-            terms["perplexity"] = info["perplexity"]
-        self.log_dict({f"val/{k}": v for k, v in terms.items()}, sync_dist=True, batch_size=len(x))
 
     def on_validation_epoch_end(self) -> None:
+        # every rank, in this order: each compute() reduces its metric's sums across ranks
+        log_means(self, self.val_means)
+        if self.val_codes is not None:
+            counts = self.val_codes.compute()  # (K,)
+            self.val_codes.reset()
+            if counts.sum() > 0:
+                self.log("val/perplexity", code_perplexity(counts).float(), sync_dist=False, rank_zero_only=False)
+                self.log("val/codebook_usage", (counts > 0).float().mean(), sync_dist=False, rank_zero_only=False)
         self.log("val/psnr", self.psnr.compute(), sync_dist=False)
         self.log("val/ssim", self.ssim.compute(), sync_dist=False)
         self.psnr.reset()

@@ -5,7 +5,12 @@ open_clip_train), linear warmup then cosine decay, the logit scale clamped to ln
 every step. Logs the loss, the temperature (exp logit scale), the bias and the in-batch
 image->text accuracy. Validation embeds the whole validation split, gathers it exactly
 across ranks (the data module pads ranks to equal length and marks the padding) and logs
-image<->text recall@k and the zero-shot accuracy of each configured task.
+image<->text recall@k, the zero-shot accuracy of each configured task, and ``val/loss``: the
+contrastive loss with the whole validation split (its valid rows) as one batch. An in-batch loss
+depends on what shares the batch; over the whole split it is one figure for any world size and
+validation batch size (larger than the training loss, which sees fewer negatives), at the cost of
+the N x N similarities that recall@k computes anyway. Nothing in ``validation_step`` is a collective,
+so a rank whose batch is all padding cannot leave the others waiting.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class ContrastiveSystem(L.LightningModule):
         noised_fraction: the fraction of training images replaced by noised versions at a random
             noise level (a "noised CLIP" for CLIP-guided sampling, :mod:`ldm.contrastive.noised`); 0 = off.
     """
+
+    #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
+    checkpoint_monitor = ("val/loss", "min")
 
     def __init__(self, model: OpenCLIP, loss: ContrastiveLoss, lr: float = 5e-4, weight_decay: float = 0.2,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 100,
@@ -89,9 +97,6 @@ class ContrastiveSystem(L.LightningModule):
         for task in self.zero_shot:
             labels = [task.label_of(m) for m in batch["meta"]]
             self._val[task.name].append(torch.tensor(labels, device=img.device))
-        loss = self.loss(img[valid], txt[valid], self.model.logit_scale.exp(), self._bias()) if valid.any() else None
-        if loss is not None:
-            self.log("val/loss", loss, sync_dist=True, batch_size=int(valid.sum()))
 
     def _gathered(self, key: str) -> torch.Tensor:
         return gather_rows(self, torch.cat(self._val[key]))
@@ -101,6 +106,9 @@ class ContrastiveSystem(L.LightningModule):
             return
         valid = self._gathered("valid").bool()
         img, txt = self._gathered("image")[valid], self._gathered("text")[valid]
+        if len(img):  # the same rows on every rank: the loss of one process holding them all, no collective
+            loss = self.loss(img, txt, self.model.logit_scale.exp(), self._bias(), gather=False)
+            self.log("val/loss", loss, prog_bar=True, sync_dist=False, rank_zero_only=False)
         for name, value in recall_at_k(img, txt, self.recall_ks).items():
             self.log(f"val/{name}", value, sync_dist=False, rank_zero_only=False)
         for task in self.zero_shot:

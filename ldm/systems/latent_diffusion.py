@@ -13,15 +13,18 @@ denoising loss of :mod:`ldm.diffusion`. This module only wires them:
   condition (classifier-free guidance training, Ho & Salimans 2022);
 * AdamW with linear warmup; gradient clipping is the trainer's ``gradient_clip_val``; EMA is
   Lightning's ``EMAWeightAveraging`` callback (validation and checkpoints then use EMA weights);
-* validation: the loss at fixed noise levels with fixed noise, so curves of different runs
-  compare (``val/loss_t<T>`` per level and their mean ``val/loss``).
+* validation: the loss at fixed noise levels with noise (and inpainting masks, and posterior
+  samples) fixed per sample key, so curves of different runs compare (``val/loss_t<T>`` per level
+  and their mean ``val/loss``); it is the mean over the valid rows of the whole split, reduced
+  across ranks once per epoch, the same figure for any world size and batch size
+  (:mod:`ldm.systems.validation`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import pytorch_lightning as L
@@ -34,7 +37,16 @@ from ldm.contrastive.text_encoder import FrozenTextEncoder
 from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner, drop_randomly
 from ldm.diffusion.inpainting import inpaint_concat, random_masks
 from ldm.systems.optim import Shared, trainable_with_warmup
-from ldm.systems.validation import log_fixed_noise_losses, validation_levels
+from ldm.systems.validation import (
+    RowMeans,
+    fixed_noise_losses,
+    fixed_noise_names,
+    log_means,
+    row_generators,
+    row_keys,
+    row_randn,
+    validation_levels,
+)
 
 log = logging.getLogger(__name__)
 # the frozen first stage and text encoder are in eval mode on purpose
@@ -63,7 +75,7 @@ class LatentDiffusion(L.LightningModule):
         warmup_steps: linear learning-rate warmup, in optimizer steps.
         val_timesteps: fixed DDPM timesteps of the validation loss (VP preconditioners).
         val_sigmas: fixed noise levels of the validation loss (any preconditioner; wins over timesteps).
-        val_seed: seed of the fixed validation noise.
+        val_seed: seed of the fixed validation noise (drawn per sample key with it).
         text_context: cross-attend to text tokens (False: the context is only the embedding tokens, e.g. a
             decoder trained on CLIP image embeddings without captions).
         embedding_tokens: project the ``y`` embedding (``clip_image`` / ``clip_text``) into this many extra
@@ -72,6 +84,9 @@ class LatentDiffusion(L.LightningModule):
         inpainting: train the concat-channel inpainting route (:mod:`ldm.diffusion.inpainting`): the U-Net's
             ``concat_channels`` must be the latent channels + 1; each sample gets a random mask.
     """
+
+    #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
+    checkpoint_monitor = ("val/loss", "min")
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage | None = None,
                  text_encoder: FrozenTextEncoder | None = None, precond: Preconditioner | None = None,
@@ -105,6 +120,7 @@ class LatentDiffusion(L.LightningModule):
         self.embedding_tokens = embedding_tokens
         self.inpainting = inpainting
         self.val_levels = validation_levels(self.precond, val_timesteps, val_sigmas)  # (names, sigmas)
+        self.val_means = RowMeans(fixed_noise_names(self.val_levels))
         self._check_shapes()
 
     def _check_shapes(self) -> None:
@@ -136,8 +152,13 @@ class LatentDiffusion(L.LightningModule):
         return (getattr(self.unet, "context_dim", None) is not None and self.text_context) or self.vector_cond == "text"
 
     # -- inputs ------------------------------------------------------------------------------
-    def latents(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents (B, C, h, w) of a batch: precomputed, or encoded now."""
+    def latents(self, batch: dict, generator: torch.Generator | None = None,
+                noise: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Scaled latents (B, C, h, w) of a batch: precomputed, or encoded now.
+
+        With ``sample_posterior``, ``noise(z)`` draws the posterior sample's standard normal noise like ``z``
+        (default: from ``generator``).
+        """
         if "latent" in batch:
             z, std = batch["latent"], batch.get("latent_std")
         else:
@@ -146,7 +167,9 @@ class LatentDiffusion(L.LightningModule):
             if std is None:
                 raise ValueError("sample_posterior needs the posterior std: a KL first stage, or latent shards "
                                  "precomputed with --std")
-            z = z + std * torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            eps = noise(z) if noise is not None else torch.randn(z.shape, generator=generator, device=z.device,
+                                                                 dtype=z.dtype)
+            z = z + std * eps
         return z
 
     def text_features(self, batch: dict) -> dict[str, Tensor]:
@@ -218,11 +241,23 @@ class LatentDiffusion(L.LightningModule):
     def configure_optimizers(self):
         return trainable_with_warmup(self.optimizer_fn.value, self, self.warmup_steps)
 
-    # -- validation: loss at fixed noise levels with fixed noise ------------------------------
+    # -- validation: loss at fixed noise levels with noise fixed per sample ----------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_means.reset()
+
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        z = self.latents(batch)
+        keys, seed = row_keys(batch, batch_idx), self.val_seed
+        z = self.latents(batch, noise=lambda like: row_randn(keys, seed, "posterior", like))  # (B, C, h, w)
         valid = batch.get("valid", torch.ones(len(z), dtype=torch.bool, device=z.device))
-        cond = self.with_inpainting_input(self.condition(batch), z,
-                                          generator=torch.Generator().manual_seed(self.val_seed + batch_idx))
-        log_fixed_noise_losses(self, self.unet, z, cond or None, valid, batch_idx, self.val_levels, self.val_seed)
+        mask = None
+        if self.inpainting:  # one random mask per sample, the same in any batch
+            h, w = z.shape[-2:]
+            mask = torch.cat([random_masks(1, h, w, generator=g) for g in row_generators(keys, seed, "mask")])
+            mask = mask.to(z.device)  # (B, 1, h, w)
+        cond = self.with_inpainting_input(self.condition(batch), z, mask)
+        losses = fixed_noise_losses(self.loss, self.precond, self.unet, z, cond or None, keys, self.val_levels, seed)
+        self.val_means.update(losses, valid)  # no collective here: a rank may hold only padding rows
+
+    def on_validation_epoch_end(self) -> None:
+        log_means(self, self.val_means, prog_bar=["loss"])  # every rank: sums and counts reduced once

@@ -11,11 +11,14 @@ CLIP embeddings (``ldm precompute embeddings``), and samples image embeddings fo
 * Sampling (:meth:`sample`): any sampler of the core with guidance; best-of-n draws n embeddings
   per text and keeps the one with the highest dot product with the text embedding (DALL-E 2,
   sec. 2.2).
-* Validation: the loss at fixed noise levels with fixed noise, and on embeddings sampled for the
-  validation texts: cosine similarity with the true image embedding (``val/cos_prior``) against
-  the "no prior" baseline that uses the text embedding itself (``val/cos_text``), and the
-  retrieval R@1 of the true image among all validation images from the predicted embedding
-  (``val/r1_prior``, ``val/r1_text``), gathered exactly over ranks.
+* Validation: the loss at fixed noise levels with noise fixed per sample key, and on embeddings
+  sampled for the validation texts (from initial noise fixed per sample key): cosine similarity
+  with the true image embedding (``val/cos_prior``) against the "no prior" baseline that uses the
+  text embedding itself (``val/cos_text``), and the retrieval R@1 of the true image among all
+  validation images from the predicted embedding (``val/r1_prior``, ``val/r1_text``). Every figure
+  is over the valid rows of the whole split, reduced or gathered across ranks once per epoch, the
+  same for any world size and batch size (with a deterministic sampler such as DDIM; a stochastic
+  one adds per-batch noise).
 """
 
 from __future__ import annotations
@@ -43,8 +46,13 @@ from ldm.metrics.retrieval import recall_at_k
 from ldm.pipelines.text_to_image import sampling_sigmas
 from ldm.systems.optim import Shared, trainable_with_warmup
 from ldm.systems.validation import (
+    RowMeans,
+    fixed_noise_losses,
+    fixed_noise_names,
     gather_rows,
-    log_fixed_noise_losses,
+    log_means,
+    row_keys,
+    row_randn,
     validation_levels,
 )
 
@@ -63,8 +71,11 @@ class DiffusionPrior(L.LightningModule):
         optimizer, warmup_steps: AdamW (DALL-E 2: lr 1.1e-4, weight decay 6e-2) with linear warmup.
         sampler, steps, cfg, best_of: sampling settings of validation and :meth:`sample`.
         val_timesteps: fixed timesteps of the validation loss.
-        val_seed: seed of the fixed validation noise and of validation sampling.
+        val_seed: seed of the fixed validation noise and of validation sampling (drawn per sample key with it).
     """
+
+    #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
+    checkpoint_monitor = ("val/loss", "min")
 
     def __init__(self, prior: nn.Module, precond: Preconditioner | None = None, loss: DenoisingLoss | None = None,
                  cond_drop: float = 0.1, use_tokens: bool = True, optimizer: OptimizerCallable = _adamw,
@@ -83,6 +94,7 @@ class DiffusionPrior(L.LightningModule):
         self.optimizer_fn, self.warmup_steps = Shared(optimizer), warmup_steps
         self.sampler, self.steps, self.cfg, self.best_of = sampler, steps, cfg, best_of
         self.val_levels, self.val_seed = validation_levels(self.precond, val_timesteps), val_seed
+        self.val_means = RowMeans(fixed_noise_names(self.val_levels))
         self.scale = math.sqrt(getattr(prior, "embed_dim", 1))
         self._val: dict[str, list[Tensor]] = {}
 
@@ -117,12 +129,13 @@ class DiffusionPrior(L.LightningModule):
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, cond: dict[str, Tensor], *, seed: int = 0, best_of: int | None = None, cfg: float | None = None,
-               steps: int | None = None, sampler: str | None = None) -> Tensor:
+               steps: int | None = None, sampler: str | None = None, noise: Tensor | None = None) -> Tensor:
         """Normalised image embeddings (B, D) for a text condition (``condition`` of a batch).
 
-        Candidate k of every text starts from the noise of seed ``seed + k``; best-of-n keeps the
-        candidate with the highest dot product with the text embedding, so it never scores below
-        the single draw of the same seed.
+        Candidate k of every text starts from the noise of seed ``seed + k`` (or from ``noise[k]``, standard
+        normal (n, B, D), e.g. drawn per sample so a row's draw does not depend on its batch); best-of-n keeps
+        the candidate with the highest dot product with the text embedding, so it never scores below the
+        single draw of the same seed.
         """
         best_of = best_of or self.best_of
         cfg = self.cfg if cfg is None else cfg
@@ -134,8 +147,11 @@ class DiffusionPrior(L.LightningModule):
             model_fn = classifier_free_guidance(model_fn, scale=cfg, uncond=null_condition(cond))
         candidates = []
         for k in range(best_of):
-            gen = torch.Generator().manual_seed(seed + k)
-            x = torch.randn(b, d, generator=gen).to(text.device) * self.precond.initial_noise_scale(sigmas[0]).to(text)
+            if noise is not None:
+                x = noise[k].to(text)  # (B, D)
+            else:
+                x = torch.randn(b, d, generator=torch.Generator().manual_seed(seed + k)).to(text.device)
+            x = x * self.precond.initial_noise_scale(sigmas[0]).to(text)
             z = SAMPLERS[sampler or self.sampler](model_fn, x, sigmas, cond=cond,
                                                   generator=torch.Generator(text.device).manual_seed(seed + k))
             candidates.append(F.normalize(z / self.scale, dim=-1))
@@ -146,18 +162,23 @@ class DiffusionPrior(L.LightningModule):
     # -- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self._val = {"pred": [], "text": [], "image": [], "valid": []}
+        self.val_means.reset()
 
     @torch.no_grad()
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x0, cond = self.target(batch), self.condition(batch)
+        keys, seed = row_keys(batch, batch_idx), self.val_seed
         valid = batch.get("valid", torch.ones(len(x0), dtype=torch.bool, device=x0.device))
-        log_fixed_noise_losses(self, self.prior, x0, cond, valid, batch_idx, self.val_levels, self.val_seed)
-        self._val["pred"].append(self.sample(cond, seed=self.val_seed + batch_idx * 7919))
+        losses = fixed_noise_losses(self.loss, self.precond, self.prior, x0, cond, keys, self.val_levels, seed)
+        self.val_means.update(losses, valid)  # no collective here: a rank may hold only padding rows
+        noise = torch.stack([row_randn(keys, seed, f"sample{k}", cond["text_emb"]) for k in range(self.best_of)])
+        self._val["pred"].append(self.sample(cond, seed=seed, noise=noise))  # noise: (n, B, D)
         self._val["text"].append(F.normalize(cond["text_emb"], dim=-1))
         self._val["image"].append(F.normalize(batch["clip_image"].float(), dim=-1))
         self._val["valid"].append(valid)
 
     def on_validation_epoch_end(self) -> None:
+        log_means(self, self.val_means, prog_bar=["loss"])  # every rank: sums and counts reduced once
         if not self._val.get("pred"):
             return
         every = {k: gather_rows(self, torch.cat(v)) for k, v in self._val.items()}

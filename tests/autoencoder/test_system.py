@@ -100,3 +100,19 @@ def test_every_autoencoder_config_parses_and_instantiates(config, shapes_dir, vg
     assert ae.downsample_factor in (4, 8, 16)
     if config == "kl-f8.yaml":  # Stable Diffusion's KL-f8: 83.65M parameters
         assert sum(p.numel() for p in ae.parameters()) == pytest.approx(83.65e6, rel=0.01)
+
+
+def test_vq_validation_is_over_the_whole_split_whatever_the_batch_size(three_val_dir, tmp_path):
+    """PSNR, SSIM, the reconstruction term and the codebook perplexity / usage are figures of the whole split (codes
+    counted over every valid row), not means of per-batch figures: the same at a batch of 1 and of 3."""
+    from ldm.data import ShardDataModule
+
+    model = _build(VQ_DEBUG, three_val_dir, f"--data.train={three_val_dir}/val-*.tar").model
+    figures = []
+    for b in (1, 3):
+        dm = ShardDataModule(val=f"{three_val_dir}/val-*.tar", image_size=32, val_batch_size=b, num_workers=0)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        figures.append(trainer.validate(model, dm, verbose=False)[0])
+    for key in ("val/psnr", "val/ssim", "val/rec", "val/perplexity", "val/codebook_usage"):
+        assert abs(figures[0][key] - figures[1][key]) < 1e-5, (key, figures)
+    assert 1 <= figures[0]["val/perplexity"] <= model.autoencoder.bottleneck.num_codes

@@ -172,3 +172,22 @@ def test_epoch_too_small_for_a_batch_is_an_error(shapes_dir):
     dm = _dm(shapes_dir, samples_per_epoch=5)
     with pytest.raises(ValueError, match="cannot fill one batch"):
         dm.train_dataloader()
+
+
+def test_a_rank_without_samples_pads_latent_shards_with_latents(tmp_path):
+    """1 latent sample over 2 ranks: rank 1's padding row carries a zero ``latent`` like the real rows (not an image)."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((4, 8, 8), dtype=np.float32))
+    with wds.TarWriter(str(tmp_path / "val-000000.tar")) as sink:
+        sink.write({"__key__": "only", "latent.npy": buf.getvalue(), "txt": b"a red circle"})
+    urls = [str(tmp_path / "val-000000.tar")]
+    batches = [next(iter(EvalStream(urls, [1], make_decoder(32, decode_images=False), batch_size=1, rank=rank,
+                                    world_size=2))) for rank in (0, 1)]
+    assert batches[0]["valid"].tolist() == [True] and batches[1]["valid"].tolist() == [False]
+    assert batches[1]["latent"].shape == (1, 4, 8, 8) and "image" not in batches[1]
+    assert float(batches[1]["latent"].abs().sum()) == 0.0

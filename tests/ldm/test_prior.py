@@ -266,3 +266,14 @@ def test_sample_cli_unclip_modes(unclip, embeddings, tmp_path, monkeypatch, caps
     assert "--from-prompt" in capsys.readouterr().err
     assert main([*common, "--prior", str(unclip.runs["decoder"]), "--prompt", "a", "--out", "x.png"]) == 2
     assert "not a diffusion-prior run" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(400)
+def test_prior_resume_is_exact(embeddings, tmp_path):
+    from tests.training.test_resume import assert_same_second_half, interrupted_vs_straight
+
+    args = ["-c", *DEBUG, "-c", PRIOR_DEBUG, f"--data.train={embeddings}/train-*.tar",
+            f"--data.val={embeddings}/val-*.tar", "--data.num_workers=1", "--data.batch_size=16",
+            "--data.samples_per_epoch=96", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1"]
+    straight, resumed = interrupted_vs_straight(tmp_path, args)
+    assert_same_second_half(straight, resumed)

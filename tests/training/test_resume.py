@@ -44,10 +44,12 @@ def interrupted_vs_straight(tmp_path: Path, args: list[str], *, devices: int = 1
     return _losses(tmp_path / "runs/r/straight"), _losses(tmp_path / "runs/r/resumed")
 
 
-def assert_same_second_half(straight: dict[int, float], resumed: dict[int, float], at: int = 10,
-                            steps: int = 20) -> None:
-    assert sorted(resumed) == list(range(at, steps)), sorted(resumed)
-    diffs = {s: abs(straight[s] - resumed[s]) for s in range(at, steps)}
+def assert_same_second_half(straight: dict[int, float], resumed: dict[int, float], at: int = 10) -> None:
+    """The resumed run logged the steps from ``at`` on that the uninterrupted one logged, with equal losses.
+    (A manually optimised system steps its optimizers more than once per batch, so steps may skip numbers.)"""
+    expected = sorted(s for s in straight if s >= at)
+    assert len(expected) >= 5 and sorted(resumed) == expected, (sorted(resumed), expected)
+    diffs = {s: abs(straight[s] - resumed[s]) for s in expected}
     assert max(diffs.values()) == 0.0, {s: (straight[s], resumed[s]) for s in diffs if diffs[s]}
 
 
@@ -66,21 +68,14 @@ def test_toy_resume_is_exact(shapes_dir, tmp_path, workers):
     assert_same_second_half(straight, resumed)
 
 
-@pytest.mark.timeout(400)
-def test_clip_resume_is_exact(shapes_dir, tmp_path):
-    args = ["-c", DEBUG, "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
-            f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar",
-            "--data.batch_size=16", "--data.samples_per_epoch=64", "--data.num_workers=1",
-            "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1", "--model.init_args.noised_fraction=0.3"]
-    straight, resumed = interrupted_vs_straight(tmp_path, args)
-    assert_same_second_half(straight, resumed)
-
-
 @pytest.mark.timeout(500)
-def test_clip_resume_is_exact_on_two_ranks(shapes_dir, tmp_path):
+@pytest.mark.parametrize("devices, batch, noised", [(1, 16, 0.3), (2, 8, 0.0)])
+def test_clip_resume_is_exact(shapes_dir, tmp_path, devices, batch, noised):
+    # noised_fraction draws random noise levels in the training step (the RNG must resume too)
     args = ["-c", DEBUG, "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
             f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar",
-            "--data.batch_size=8", "--data.samples_per_epoch=64", "--data.num_workers=1",
-            "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1"]
-    straight, resumed = interrupted_vs_straight(tmp_path, args, devices=2)
+            f"--data.batch_size={batch}", "--data.samples_per_epoch=64", "--data.num_workers=1",
+            "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+            f"--model.init_args.noised_fraction={noised}"]
+    straight, resumed = interrupted_vs_straight(tmp_path, args, devices=devices)
     assert_same_second_half(straight, resumed)
