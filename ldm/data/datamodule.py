@@ -7,6 +7,7 @@ evaluation stays exact, and :mod:`ldm.data.batch` for the keys of a batch.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -20,6 +21,17 @@ from ldm.data.streams import POSITION, EvalStream, StreamStart, TrainStream, Wor
 from ldm.data.urls import ShardPattern, expand_urls, shard_sample_counts
 
 log = logging.getLogger(__name__)
+
+
+def ignore_preemption_signal(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: a DataLoader worker ignores SIGUSR1.
+
+    SLURM signals every process of a job step, and forked workers inherit Lightning's USR1 handler
+    (save a checkpoint, ``scontrol requeue``): each worker would write a stale ``hpc_ckpt`` of the
+    weights it was forked with and requeue the job itself, racing the training process. The training
+    process alone handles the signal.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class EpochDataLoader(DataLoader):
@@ -40,6 +52,7 @@ class EpochDataLoader(DataLoader):
     def __init__(self, dataset: TrainStream, epoch_fn: Callable[[], int] | None = None,
                  consumed_fn: Callable[[], int] | None = None, **kwargs):
         kwargs.pop("persistent_workers", None)
+        kwargs.setdefault("worker_init_fn", ignore_preemption_signal)
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_fn = epoch_fn
         self.consumed_fn = consumed_fn
@@ -218,7 +231,8 @@ class ShardDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         stream = self.eval_stream(split)
         workers = min(self.num_workers, len(stream))
-        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self._pin_memory())
+        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self._pin_memory(),
+                          worker_init_fn=ignore_preemption_signal)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -191,3 +191,35 @@ def test_a_rank_without_samples_pads_latent_shards_with_latents(tmp_path):
     assert batches[0]["valid"].tolist() == [True] and batches[1]["valid"].tolist() == [False]
     assert batches[1]["latent"].shape == (1, 4, 8, 8) and "image" not in batches[1]
     assert float(batches[1]["latent"].abs().sum()) == 0.0
+
+
+def test_loader_workers_ignore_the_preemption_signal(shapes_dir, tmp_path):
+    """SLURM sends USR1 to every process of the step: the workers must not run the trainer's handler (which
+    saves a stale checkpoint and requeues the job), and must survive it."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from ldm.data import ShardDataModule
+
+    marker = tmp_path / "handled"
+    previous = signal.signal(signal.SIGUSR1, lambda *_: marker.write_text(str(os.getpid())))
+    try:
+        dm = ShardDataModule(train=f"{shapes_dir}/train-*.tar", val=f"{shapes_dir}/val-*.tar", image_size=32,
+                             batch_size=4, num_workers=2)
+        for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            it = iter(loader)
+            next(it)
+            workers = multiprocessing.active_children()
+            assert len(workers) == 2
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGUSR1)
+            time.sleep(0.5)
+            assert not marker.exists(), f"a worker (pid {marker.read_text()}) ran the main process's USR1 handler"
+            assert all(w.is_alive() for w in workers)
+            next(it)  # still serving batches
+            del it
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
