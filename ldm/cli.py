@@ -39,6 +39,7 @@ from ldm.runs import (
     RunSettings,
     RunWandbLogger,
     build_loggers,
+    is_rank_zero,
     resolve_version,
     snake_case,
 )
@@ -140,7 +141,7 @@ class LDMCLI(LightningCLI):
         for logger in (trainer.loggers if trainer is not None else []):
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger._experiment.finish(exit_code=2)
-        if self._created and _is_main_process() and os.path.isdir(self._created):
+        if self._created and is_rank_zero() and os.path.isdir(self._created):
             shutil.rmtree(self._created, ignore_errors=True)
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -177,7 +178,7 @@ class LDMCLI(LightningCLI):
             version = resolve_version(run.root, name, run.version)
             os.environ[VERSION_ENV] = version  # processes spawned for DDP join the same folder
             self.run_dir = os.path.join(run.root, name, version)
-            if self.subcommand == "fit" and _is_main_process():
+            if self.subcommand == "fit" and is_rank_zero():
                 self._refuse_foreign_run_folder()
             self._created = _first_missing(self.run_dir)
             kwargs["logger"] = build_loggers(run, name, version)
@@ -290,10 +291,6 @@ def default_checkpointing(model: Any) -> ModelCheckpoint:
     if monitor is None:
         return ModelCheckpoint(save_last=True)
     return ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, save_last=True, filename="best-{epoch}-{step}")
-
-
-def _is_main_process() -> bool:
-    return all(os.environ.get(v, "0") == "0" for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
 
 
 def _first_missing(path: str) -> str | None:

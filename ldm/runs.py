@@ -190,7 +190,8 @@ def resolve_wandb_mode(configured: WandbMode) -> str:
     return "online" if has_wandb_credentials() else "offline"
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (from the launcher's environment: torchrun, Lightning, srun)."""
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(var, "0") != "0":
             return False
@@ -208,9 +209,9 @@ def build_loggers(run: RunSettings, name: str, version: str) -> list[Logger]:
         loggers.append(RunCSVLogger(save_dir=run.root, name=name, version=version))
     mode = resolve_wandb_mode(run.wandb_mode)
     if mode != "disabled":
-        if _is_rank_zero():
+        if is_rank_zero():
             run_dir.mkdir(parents=True, exist_ok=True)
-        if mode == "offline" and str(run_dir) not in _announced and _is_rank_zero():
+        if mode == "offline" and str(run_dir) not in _announced and is_rank_zero():
             _announced.add(str(run_dir))
             log.warning(
                 "W&B is logging offline (no API key found, or WANDB_MODE=offline) to %s/wandb. "
@@ -228,7 +229,7 @@ def build_loggers(run: RunSettings, name: str, version: str) -> list[Logger]:
 
 def _wandb_id(run_dir: Path) -> str | None:
     """A W&B run id kept in the run folder, so a requeued job continues the same W&B run."""
-    if not _is_rank_zero():
+    if not is_rank_zero():
         return None
     path = run_dir / "wandb_id"
     if path.is_file():

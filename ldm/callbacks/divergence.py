@@ -50,6 +50,10 @@ def last_checkpoint(trainer: L.Trainer) -> str | None:
     return max(existing, key=os.path.getmtime) if existing else None
 
 
+def _resume_from(good: str | None) -> str:
+    return f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
+
+
 def first_nonfinite(state: dict[str, Any]) -> str | None:
     """The first key of a state dict whose tensor holds a NaN or an infinity, or None."""
     for key, value in state.items():
@@ -128,7 +132,7 @@ class DivergenceGuard(Callback):
 
     def _stop_message(self, trainer: L.Trainer) -> str:
         good = self._good if self._good and os.path.isfile(self._good) else last_checkpoint(trainer)
-        where = f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"
+        where = _resume_from(good)
         return (f"the run diverged: {self.in_a_row} training steps in a row had a non-finite loss or gradient "
                 f"(steps {self._step - self.in_a_row + 1}-{self._step}, {self.skipped} skipped in all); {where}. Lower the learning "
                 "rate, raise the warmup, or clip gradients (trainer.gradient_clip_val), and resume from it with "
@@ -140,10 +144,8 @@ class DivergenceGuard(Callback):
             return
         key = first_nonfinite(checkpoint.get("state_dict", {}))
         if key is not None:
-            good = last_checkpoint(trainer)
-            raise DivergenceError(
-                f"refusing to write a checkpoint at step {trainer.global_step}: weight {key!r} is not finite; "
-                + (f"the last good checkpoint is {good}" if good else "no checkpoint was written before it"))
+            raise DivergenceError(f"refusing to write a checkpoint at step {trainer.global_step}: weight {key!r} is not "
+                                  f"finite; {_resume_from(last_checkpoint(trainer))}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}

@@ -57,7 +57,6 @@ class EpochDataLoader(DataLoader):
         self.epoch_fn = epoch_fn
         self.consumed_fn = consumed_fn
         self._iterations = 0
-        self._epoch: int | None = None
         self._start: StreamStart | None = None  # where the current epoch's iteration began
         self._positions: list[tuple[int, int, int]] = []  # (role, raw, batches) of each batch since then
         self._to_load: StreamStart | None = None
@@ -78,7 +77,6 @@ class EpochDataLoader(DataLoader):
         finally:
             stream.start = None
         workers = max(1, self.num_workers)
-        self._epoch = epoch
         self._start = start or StreamStart(epoch, 0, tuple(WorkerStart() for _ in range(workers)))
         self._positions = []
         return self._track(batches)
@@ -99,7 +97,7 @@ class EpochDataLoader(DataLoader):
         workers = [(w.raw, w.batches) for w in self._start.workers]
         for role, raw, batches in self._positions[: max(0, consumed - self._start.consumed)]:
             workers[role] = (raw, batches)
-        return {"epoch": self._epoch, "consumed": consumed, "workers": workers}
+        return {"epoch": self._start.epoch, "consumed": consumed, "workers": workers}
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's data position; collective under DDP (Lightning dumps checkpoints on all ranks)."""
@@ -225,8 +223,7 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         stream = self.train_stream()
         return EpochDataLoader(stream, epoch_fn=self._current_epoch, consumed_fn=self._consumed_batches,
-                               num_workers=self.num_workers,
-                               pin_memory=self._pin_memory())
+                               num_workers=self.num_workers, pin_memory=self._pin_memory())
 
     def _eval_loader(self, split: str) -> DataLoader:
         stream = self.eval_stream(split)

@@ -115,4 +115,11 @@ def test_vq_validation_is_over_the_whole_split_whatever_the_batch_size(three_val
         figures.append(trainer.validate(model, dm, verbose=False)[0])
     for key in ("val/psnr", "val/ssim", "val/rec", "val/perplexity", "val/codebook_usage"):
         assert abs(figures[0][key] - figures[1][key]) < 1e-5, (key, figures)
-    assert 1 <= figures[0]["val/perplexity"] <= model.autoencoder.bottleneck.num_codes
+    # the perplexity of the codes of all 3 images together, counted directly (not a mean of per-batch perplexities)
+    dm = ShardDataModule(val=f"{three_val_dir}/val-*.tar", image_size=32, val_batch_size=3, num_workers=0)
+    model.eval()
+    with torch.no_grad():
+        indices = model.autoencoder(next(iter(dm.val_dataloader()))["image"])[2]["indices"]  # (3, h, w)
+    p = torch.bincount(indices.flatten()).double()
+    p = p[p > 0] / p.sum()
+    assert abs(figures[0]["val/perplexity"] - float(torch.exp(-(p * p.log()).sum()))) < 1e-4

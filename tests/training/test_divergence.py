@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_ldm
+from tests.training.test_resume import checkpoint_every
 
 DEBUG = str(REPO / "configs/trainer/debug.yaml")
 
@@ -38,9 +39,7 @@ def _checkpoints_finite(run: Path) -> dict[str, bool]:
 @pytest.mark.timeout(200)
 def test_isolated_nan_steps_are_skipped_and_counted(shapes_dir, tmp_path):
     res = _toy_fit(shapes_dir, tmp_path, "--trainer.max_steps=12", "--model.init_args.nan_loss_steps=[3,4,9]",
-                   "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-                   "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
-                   "--trainer.callbacks.filename=at-{step}")
+                   *checkpoint_every(1))
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "runs/toy/v"
     rows = _rows(run)
@@ -63,9 +62,7 @@ def test_isolated_nan_steps_are_skipped_and_counted(shapes_dir, tmp_path):
 @pytest.mark.timeout(200)
 def test_a_diverging_run_stops_with_status_3_naming_the_last_good_checkpoint(shapes_dir, tmp_path):
     res = _toy_fit(shapes_dir, tmp_path, "--trainer.max_steps=40", "--model.init_args.nan_loss_from=9",
-                   "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-                   "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1",
-                   "--trainer.callbacks.filename=at-{step}",
+                   *checkpoint_every(4),
                    "--trainer.callbacks+=ldm.callbacks.DivergenceGuard", "--trainer.callbacks.patience=6")
     assert res.returncode == 3, (res.returncode, res.stderr[-3000:])
     run = tmp_path / "runs/toy/v"
@@ -81,9 +78,7 @@ def test_a_diverging_run_stops_with_status_3_naming_the_last_good_checkpoint(sha
 @pytest.mark.timeout(200)
 def test_a_checkpoint_with_non_finite_weights_is_never_written(shapes_dir, tmp_path):
     res = _toy_fit(shapes_dir, tmp_path, "--trainer.max_steps=20", "--model.init_args.nan_weights_at=6",
-                   "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-                   "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_top_k=-1",
-                   "--trainer.callbacks.filename=at-{step}")
+                   *checkpoint_every(4))
     assert res.returncode == 3, (res.returncode, res.stderr[-3000:])
     assert "refusing to write a checkpoint" in res.stderr and "net.4.bias" in res.stderr
     finite = _checkpoints_finite(tmp_path / "runs/toy/v")

@@ -19,6 +19,13 @@ from tests.conftest import REPO, run_ldm
 DEBUG = str(REPO / "configs/trainer/debug.yaml")
 
 
+def checkpoint_every(steps: int) -> list[str]:
+    """Arguments adding a ModelCheckpoint that keeps ``at-step=N.ckpt`` every ``steps`` training steps."""
+    return ["--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.every_n_train_steps={steps}", "--trainer.callbacks.save_top_k=-1",
+            "--trainer.callbacks.filename=at-{step}"]
+
+
 def _losses(run: Path, key: str = "train/loss") -> dict[int, float]:
     rows = csv.DictReader(open(run / "metrics.csv"))
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
@@ -29,10 +36,7 @@ def interrupted_vs_straight(tmp_path: Path, args: list[str], *, devices: int = 1
     """(losses of the uninterrupted run, losses of the run resumed from its step-``at`` checkpoint)."""
     common = [*args, "--seed_everything=7", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
               "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
-              f"--trainer.devices={devices}", f"--run.root={tmp_path}/runs", "--run.name=r",
-              "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-              f"--trainer.callbacks.every_n_train_steps={at}", "--trainer.callbacks.save_top_k=-1",
-              "--trainer.callbacks.filename=at-{step}"]
+              f"--trainer.devices={devices}", f"--run.root={tmp_path}/runs", "--run.name=r", *checkpoint_every(at)]
     if devices > 1:
         common.append("--trainer.strategy=ddp")
     straight = run_ldm(["fit", *common, "--run.version=straight"], cwd=tmp_path, timeout=400)
@@ -89,9 +93,7 @@ def test_a_requeued_slurm_job_resumes_exactly_from_its_hpc_checkpoint(shapes_dir
              "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
     args = ["fit", *_toy(shapes_dir, 2), "--seed_everything=7", "--trainer.max_steps=20", "--trainer.max_epochs=-1",
             "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", f"--run.root={tmp_path}/runs",
-            "--run.name=r", "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
-            "--trainer.callbacks.every_n_train_steps=10", "--trainer.callbacks.save_top_k=-1",
-            "--trainer.callbacks.filename=at-{step}"]
+            "--run.name=r", *checkpoint_every(10)]
     first = run_ldm(args, cwd=tmp_path, timeout=200, **slurm)
     assert first.returncode == 0, first.stderr[-4000:]
     run = tmp_path / "runs/r/slurm_777"
