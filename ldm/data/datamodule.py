@@ -29,12 +29,48 @@ def ignore_preemption_signal(worker_id: int) -> None:
     SLURM signals every process of a job step, and forked workers inherit Lightning's USR1 handler
     (save a checkpoint, ``scontrol requeue``): each worker would write a stale ``hpc_ckpt`` of the
     weights it was forked with and requeue the job itself, racing the training process. The training
-    process alone handles the signal.
+    process alone handles the signal. :class:`PreemptionSafeLoader` starts its workers with the signal
+    blocked, so one that arrives before this function runs stays pending and is dropped here.
     """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
 
-class EpochDataLoader(DataLoader):
+class PreemptionSafeLoader(DataLoader):
+    """A DataLoader whose workers never run the training process's SIGUSR1 handler.
+
+    The workers are created with SIGUSR1 blocked (a forked or spawned process inherits the signal
+    mask) and unblock it only after ignoring it (:func:`ignore_preemption_signal`, run before any
+    ``worker_init_fn`` given here): there is no window in which a starting worker could handle it.
+    """
+
+    def __init__(self, *args, **kwargs):
+        user_init = kwargs.pop("worker_init_fn", None)
+        kwargs["worker_init_fn"] = ignore_preemption_signal if user_init is None else _Chain(user_init)
+        super().__init__(*args, **kwargs)
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        try:
+            return super()._get_iterator()  # the workers start here
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+class _Chain:
+    """``worker_init_fn``: ignore the preemption signal, then run the user's function (picklable)."""
+
+    def __init__(self, fn: Callable[[int], Any]):
+        self.fn = fn
+
+    def __call__(self, worker_id: int) -> None:
+        ignore_preemption_signal(worker_id)
+        self.fn(worker_id)
+
+
+class EpochDataLoader(PreemptionSafeLoader):
     """A DataLoader over a :class:`TrainStream` that hands the trainer's epoch to the workers and can
     resume in the middle of an epoch.
 
@@ -52,7 +88,6 @@ class EpochDataLoader(DataLoader):
     def __init__(self, dataset: TrainStream, epoch_fn: Callable[[], int] | None = None,
                  consumed_fn: Callable[[], int] | None = None, **kwargs):
         kwargs.pop("persistent_workers", None)
-        kwargs.setdefault("worker_init_fn", ignore_preemption_signal)
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_fn = epoch_fn
         self.consumed_fn = consumed_fn
@@ -228,8 +263,7 @@ class ShardDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         stream = self.eval_stream(split)
         workers = min(self.num_workers, len(stream))
-        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self._pin_memory(),
-                          worker_init_fn=ignore_preemption_signal)
+        return PreemptionSafeLoader(stream, batch_size=None, num_workers=workers, pin_memory=self._pin_memory())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -195,31 +195,54 @@ def test_a_rank_without_samples_pads_latent_shards_with_latents(tmp_path):
 
 def test_loader_workers_ignore_the_preemption_signal(shapes_dir, tmp_path):
     """SLURM sends USR1 to every process of the step: the workers must not run the trainer's handler (which
-    saves a stale checkpoint and requeues the job), and must survive it."""
+    saves a stale checkpoint and requeues the job), and must survive it -- also when the signal arrives
+    while a worker is still starting (signals are sent every millisecond from before the loader starts)."""
     import multiprocessing
     import os
     import signal
+    import threading
     import time
 
     from ldm.data import ShardDataModule
 
     marker = tmp_path / "handled"
-    previous = signal.signal(signal.SIGUSR1, lambda *_: marker.write_text(str(os.getpid())))
+    main_pid = os.getpid()
+
+    def handler(*_):
+        if os.getpid() != main_pid:
+            marker.write_text(str(os.getpid()))
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    stop = threading.Event()
+
+    def send():
+        while not stop.is_set():
+            for child in multiprocessing.active_children():
+                try:
+                    os.kill(child.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.001)
+
     try:
         dm = ShardDataModule(train=f"{shapes_dir}/train-*.tar", val=f"{shapes_dir}/val-*.tar", image_size=32,
                              batch_size=4, num_workers=2)
         for loader in (dm.train_dataloader(), dm.val_dataloader()):
+            stop.clear()
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
             it = iter(loader)
             next(it)
             workers = multiprocessing.active_children()
             assert len(workers) == 2
-            for worker in workers:
-                os.kill(worker.pid, signal.SIGUSR1)
-            time.sleep(0.5)
+            time.sleep(0.3)
+            stop.set()
+            sender.join()
             assert not marker.exists(), f"a worker (pid {marker.read_text()}) ran the main process's USR1 handler"
             assert all(w.is_alive() for w in workers)
             next(it)  # still serving batches
             del it
             time.sleep(0.2)
     finally:
+        stop.set()
         signal.signal(signal.SIGUSR1, previous)
