@@ -246,3 +246,39 @@ class AtomicCheckpointGuard(L.Callback):
         else:
             log.warning("checkpoints are written by %s, not atomically by ldm.checkpoints.AtomicCheckpointIO "
                         "(trainer.plugins): a kill during a save may leave a partial checkpoint", type(io).__name__)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The ``global_step`` a Lightning checkpoint was written at (-1 if it has none). Cheap: the file is
+    memory-mapped, so no tensor data is read."""
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    step = checkpoint.get("global_step", -1) if isinstance(checkpoint, dict) else -1
+    return int(step) if isinstance(step, int) else -1
+
+
+def newest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint of a run folder with the highest training step, or None if it has none.
+
+    Candidates: the preemption checkpoints (``hpc_ckpt_*.ckpt``) in the folder and every ``checkpoints/*.ckpt``
+    (last, best, periodic). Incomplete and temporary files are skipped with a warning; among equal steps the
+    newest file wins. This is what a requeued job resumes from: a job requeued without warning (node failure,
+    ``scontrol requeue``) must not go back to an older ``hpc_ckpt`` when a newer periodic checkpoint exists.
+    """
+    run_dir = Path(run_dir)
+    files = [*run_dir.glob("hpc_ckpt_*.ckpt"), *(run_dir / "checkpoints").glob("*.ckpt")]
+    ranked = []
+    for path in files:
+        if is_temp_file(path):
+            continue
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            log.warning("skipping checkpoint %s: %s", path, problem)
+            continue
+        try:
+            ranked.append((checkpoint_step(path), path.stat().st_mtime, path))
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+            log.warning("skipping checkpoint %s: %s", path, e)
+    if not ranked:
+        return None
+    return max(ranked, key=lambda r: (r[0], r[1]))[2]

@@ -18,6 +18,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import yaml
@@ -32,6 +33,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ldm.callbacks import DataSkipMonitor, StepSeed
 from ldm.callbacks.divergence import DivergenceError, DivergenceGuard
+from ldm.callbacks.metrics_file import MetricsFileLedger
+from ldm.callbacks.preemption import Preemption
 from ldm.config_errors import describe_failure, summarize
 from ldm.data.urls import ShardPattern
 from ldm.runs import (
@@ -51,6 +54,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "sample": ("ldm.tools.sample", "sample images for prompts from a trained latent-diffusion run"),
     "eval": ("ldm.tools.evaluate", "FID / KID / IS, CLIP score, FD-CLIP, compositional accuracy of a latent-diffusion run"),
     "runs": ("ldm.tools.runs", "compare runs: final and best metrics, differing config keys, metric plots"),
+    "submit": ("ldm.tools.submit", "run ldm fit on SLURM: one run, a sweep (job array) or a recipe (dependent jobs)"),
 }
 
 
@@ -104,9 +108,11 @@ class LDMCLI(LightningCLI):
 
         # checkpoints written atomically and read with weights_only=True (ldm.checkpoints); the guard keeps that
         # when a config's trainer.plugins replaces the default list. StepSeed and DivergenceGuard make a run a
-        # transaction: exact resume, no non-finite step or checkpoint.
+        # transaction: exact resume, no non-finite step or checkpoint. Preemption checkpoints at the current step on
+        # SLURM's warning signal (and SIGTERM) and requeues; MetricsFileLedger keeps each step once in metrics.csv.
         kwargs.setdefault("trainer_defaults", {
-            "callbacks": [DataSkipMonitor(), StepSeed(), DivergenceGuard(), AtomicCheckpointGuard()],
+            "callbacks": [DataSkipMonitor(), StepSeed(), DivergenceGuard(), AtomicCheckpointGuard(), Preemption(),
+                          MetricsFileLedger()],
             "plugins": [{"class_path": "ldm.checkpoints.AtomicCheckpointIO"}]})
         kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate latent-diffusion stages.",
                                             "epilog": _epilog()})
@@ -192,9 +198,13 @@ class LDMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         configured = list(config.get("callbacks") or []) + list(callbacks)
-        if config.get("enable_checkpointing", True) is not False and not any(
-                isinstance(c, ModelCheckpoint) for c in configured):
-            callbacks = [*callbacks, default_checkpointing(self.model)]
+        if config.get("enable_checkpointing", True) is not False:
+            minutes = self._run_settings().checkpoint_minutes if self.subcommand in (None, "fit") else None
+            mine = [c for c in configured if isinstance(c, ModelCheckpoint)]
+            if not mine:
+                callbacks = [*callbacks, *default_checkpointing(self.model, minutes)]
+            elif minutes and not any(c._train_time_interval for c in mine):
+                callbacks = [*callbacks, timed_checkpoint(minutes, mine[0].dirpath)]  # a preset's own checkpoints
         # a default callback configured by the user (e.g. DivergenceGuard with another patience) replaces ours
         defaults = self.trainer_defaults.get("callbacks", [])
         kept = [d for d in defaults if not any(type(c) is type(d) for c in configured)]
@@ -211,12 +221,29 @@ class LDMCLI(LightningCLI):
             return
         if self.config[self.subcommand].get("ckpt_path") is not None:
             return
-        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-        hpc = any(f.startswith("hpc_ckpt_") for f in os.listdir(self.run_dir))
-        if requeued or (os.environ.get("SLURM_JOB_ID") and hpc):
+        if slurm_restart(self.run_dir):
             return
         raise StartError(f"the run folder {self.run_dir} already holds another run (its config.yaml); resume it "
                          "with --ckpt_path, or start a new run with another --run.version or --run.name")
+
+    def before_fit(self) -> None:
+        """Pick the checkpoint to resume from when the run continues in its own folder: ``--ckpt_path=newest``,
+        or a SLURM job starting again in its run folder (requeued after a preemption signal, a node failure or
+        ``scontrol requeue``). Both take the newest complete checkpoint of the folder by training step (hpc,
+        last, best or periodic), never Lightning's choice of the ``hpc_ckpt`` alone, which may be far older."""
+        config = self.config_init[self.subcommand]
+        run_dir = getattr(self, "run_dir", None) or self.trainer.default_root_dir
+        asked = config.get("ckpt_path")
+        if asked == "newest" or (asked is None and slurm_restart(run_dir)):
+            from ldm.checkpoints import newest_checkpoint
+
+            newest = newest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+            if newest is None and asked == "newest":
+                raise StartError(f"--ckpt_path=newest: the run folder {run_dir} holds no complete checkpoint")
+            if newest is not None:
+                logging.getLogger("ldm").warning("resuming from %s, the newest complete checkpoint of %s", newest,
+                                                 run_dir)
+            config["ckpt_path"] = str(newest) if newest is not None else None
 
     def after_fit(self) -> None:
         """Write ``checkpoints/last.ckpt`` with the weights of the last step. Lightning's default checkpoint
@@ -228,13 +255,25 @@ class LDMCLI(LightningCLI):
             return
         folder = getattr(callback, "dirpath", None) or os.path.join(getattr(self, "run_dir", trainer.default_root_dir),
                                                                     "checkpoints")
-        trainer.save_checkpoint(os.path.join(folder, "last.ckpt"))
+        trainer.save_checkpoint(os.path.join(folder, "last.ckpt"), weights_only=False)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
         finally:
             os.environ.pop(VERSION_ENV, None)
+
+
+def slurm_restart(run_dir: str) -> bool:
+    """Whether this SLURM job starts again in its run folder: requeued (``SLURM_RESTART_COUNT`` > 0), or a job
+    whose folder already holds its checkpoints (a requeue that SLURM did not count)."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        return True
+    if not os.environ.get("SLURM_JOB_ID") or not os.path.isdir(run_dir):
+        return False
+    folder = os.path.join(run_dir, "checkpoints")
+    return any(f.startswith("hpc_ckpt_") for f in os.listdir(run_dir)) or (
+        os.path.isdir(folder) and any(f.endswith(".ckpt") for f in os.listdir(folder)))
 
 
 class StartError(ValueError):
@@ -283,14 +322,28 @@ def ddp_strategy_for(model: Any, strategy: Any) -> Any:
     return strategy
 
 
-def default_checkpointing(model: Any) -> ModelCheckpoint:
+def default_checkpointing(model: Any, minutes: float | None = None) -> list[ModelCheckpoint]:
     """The best checkpoint by the stage's validation metric (the system's ``checkpoint_monitor``, e.g.
     ``("val/loss", "min")``) and ``last.ckpt`` at every validation; ``ldm fit`` also writes ``last.ckpt`` at the
-    end. A system without ``checkpoint_monitor`` keeps Lightning's default: the newest checkpoint of each epoch."""
+    end. A system without ``checkpoint_monitor`` keeps Lightning's default: the newest checkpoint of each epoch.
+    With ``minutes``, ``last.ckpt`` is also written every ``minutes`` of training (``run.checkpoint_minutes``):
+    what a job killed without warning loses is bounded by it."""
     monitor, mode = getattr(model, "checkpoint_monitor", (None, "min"))
     if monitor is None:
-        return ModelCheckpoint(save_last=True)
-    return ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, save_last=True, filename="best-{epoch}-{step}")
+        checkpoints = [ModelCheckpoint(save_last=True)]
+    else:
+        checkpoints = [ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, save_last=True,
+                                       filename="best-{epoch}-{step}")]
+    if minutes:
+        checkpoints.append(timed_checkpoint(minutes))
+    return checkpoints
+
+
+def timed_checkpoint(minutes: float, dirpath: str | None = None) -> ModelCheckpoint:
+    """``last.ckpt`` every ``minutes`` of training (``run.checkpoint_minutes``), also beside a config's own
+    ModelCheckpoints: what a job killed without warning loses is bounded by it."""
+    return ModelCheckpoint(dirpath=dirpath, train_time_interval=timedelta(minutes=minutes), save_top_k=0,
+                           save_last=True)
 
 
 def _first_missing(path: str) -> str | None:

@@ -59,6 +59,8 @@ class RunSettings:
         wandb_mode: ``auto`` (online with credentials, offline without), ``online``, ``offline``
             or ``disabled``. ``WANDB_MODE`` in the environment overrides it.
         csv: also log metrics to ``metrics.csv`` in the run folder.
+        checkpoint_minutes: ``ldm fit`` also writes ``checkpoints/last.ckpt`` every this many minutes of
+            training (bounding what a job killed without warning loses); ``null``: only at validation.
     """
 
     name: str | None = None
@@ -71,6 +73,7 @@ class RunSettings:
     notes: str | None = None
     wandb_mode: WandbMode = "auto"
     csv: bool = True
+    checkpoint_minutes: float | None = 30.0
 
 
 class _AppendingWriter(ExperimentWriter):

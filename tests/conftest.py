@@ -50,16 +50,16 @@ def ldm_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_ldm(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    """Run the real `ldm` console script in a subprocess.
-
-    It runs in its own session, and running past ``timeout`` kills the whole session before
-    ``TimeoutExpired`` is raised: DDP ranks > 0 are children of rank 0, and a hung rank would
-    otherwise outlive the test (and hold the CPUs of the next ones).
-    """
+def start_ldm(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """Start the real `ldm` console script in its own session (signal it, or its whole group, while it runs)."""
     ldm = Path(sys.executable).with_name("ldm")
-    with subprocess.Popen([str(ldm), *args], cwd=cwd, env=ldm_env(**env), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:
+    return subprocess.Popen([str(ldm), *args], cwd=cwd, env=ldm_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Wait for a process of :func:`start_ldm`; past ``timeout`` its whole session is killed first."""
+    with proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -67,6 +67,16 @@ def run_ldm(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> sub
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(proc.args, timeout, out, err) from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_ldm(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    """Run the real `ldm` console script in a subprocess.
+
+    It runs in its own session, and running past ``timeout`` kills the whole session before
+    ``TimeoutExpired`` is raised: DDP ranks > 0 are children of rank 0, and a hung rank would
+    otherwise outlive the test (and hold the CPUs of the next ones).
+    """
+    return finish(start_ldm(args, cwd, **env), timeout)
 
 
 @pytest.fixture(scope="session")

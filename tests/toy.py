@@ -7,6 +7,8 @@ provides a character tokenizer to the data module (linked by the CLI), and, when
 
 from __future__ import annotations
 
+import time
+
 import json
 import os
 from pathlib import Path
@@ -34,9 +36,10 @@ class CharTokenizer:
 class ToySystem(L.LightningModule):
     def __init__(self, channels: int = 8, lr: float = 0.01, token_length: int = 32, record: str | None = None,
                  nan_loss_steps: list[int] | None = None, nan_loss_from: int | None = None,
-                 nan_weights_at: int | None = None):
+                 nan_weights_at: int | None = None, step_seconds: float = 0.0):
         """``nan_loss_steps`` / ``nan_loss_from``: steps whose loss is NaN (divergence tests);
-        ``nan_weights_at``: the step after which a weight is set to NaN behind the optimizer's back."""
+        ``nan_weights_at``: the step after which a weight is set to NaN behind the optimizer's back;
+        ``step_seconds``: a pause in every training step (to signal a run in the middle of its training)."""
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
@@ -48,6 +51,7 @@ class ToySystem(L.LightningModule):
         self._seen: dict[str, list] = {"train": [], "val": []}
         self.nan_loss_steps, self.nan_loss_from = set(nan_loss_steps or []), nan_loss_from
         self.nan_weights_at = nan_weights_at
+        self.step_seconds = step_seconds
 
     def _loss(self, batch) -> torch.Tensor:
         target = batch["image"].mean(dim=(2, 3))  # (B, 3)
@@ -61,6 +65,8 @@ class ToySystem(L.LightningModule):
             loss = loss * float("nan")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
         self._seen["train"].append(list(batch["key"]))
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

@@ -23,23 +23,31 @@ from ldm.data.urls import ShardPattern, expand_urls, shard_sample_counts
 log = logging.getLogger(__name__)
 
 
-def ignore_preemption_signal(worker_id: int) -> None:
-    """``worker_init_fn`` of every loader: a DataLoader worker ignores SIGUSR1.
+#: the signals SLURM sends every process of a job step before ending it; only the training process acts on them
+PREEMPTION_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
 
-    SLURM signals every process of a job step, and forked workers inherit Lightning's USR1 handler
-    (save a checkpoint, ``scontrol requeue``): each worker would write a stale ``hpc_ckpt`` of the
-    weights it was forked with and requeue the job itself, racing the training process. The training
-    process alone handles the signal. :class:`PreemptionSafeLoader` starts its workers with the signal
-    blocked, so one that arrives before this function runs stays pending and is dropped here.
+
+def ignore_preemption_signal(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: a DataLoader worker ignores SIGUSR1 and SIGTERM.
+
+    SLURM signals every process of a job step. With USR1, forked workers would run the handler they
+    inherit (Lightning's saved a stale ``hpc_ckpt`` of the weights the worker was forked with and
+    requeued the job, racing the training process); with SIGTERM they would die at once, and the
+    training process would fail on its next batch before it could checkpoint the step it is at. The
+    training process alone handles both (:class:`ldm.callbacks.preemption.Preemption`); a worker ends
+    when the loader shuts it down or, failing that, when its parent is gone (PyTorch's watchdog).
+    :class:`PreemptionSafeLoader` starts its workers with the signals blocked, so one that arrives
+    before this function runs stays pending and is dropped here.
     """
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
 
 
 class PreemptionSafeLoader(DataLoader):
-    """A DataLoader whose workers never run the training process's SIGUSR1 handler.
+    """A DataLoader whose workers never act on SLURM's preemption signals (USR1, SIGTERM).
 
-    The workers are created with SIGUSR1 blocked (a forked or spawned process inherits the signal
+    The workers are created with the signals blocked (a forked or spawned process inherits the signal
     mask) and unblock it only after ignoring it (:func:`ignore_preemption_signal`, run before any
     ``worker_init_fn`` given here): there is no window in which a starting worker could handle it.
     """
@@ -52,7 +60,7 @@ class PreemptionSafeLoader(DataLoader):
     def _get_iterator(self):
         if self.num_workers == 0:
             return super()._get_iterator()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         try:
             return super()._get_iterator()  # the workers start here
         finally:
