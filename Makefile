@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ldm-installed
 # pip's configured local indexes print one harmless line per missing package: keep the log readable
 PIPFILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all test-slurm bench clean cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -26,15 +26,29 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) experiments/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu"
+	$(PY) -m pytest -m "not slow and not gpu and not slurm"
 
 test-all: $(STAMP)
 	$(PY) -m pytest
+
+# ldm submit, preemption and requeue on a real one-node Slurm cluster started here (root; apt installs
+# slurm-wlm and munge where missing), stopped afterwards
+test-slurm: $(STAMP)
+	slurm/local-cluster.sh up
+	status=0; SLURM_CONF=$${LDM_SLURM_DIR:-/tmp/ldm-slurm}/slurm.conf $(PY) -m pytest -m slurm tests/slurm \
+		|| status=$$?; slurm/local-cluster.sh down; exit $$status
 
 bench: $(STAMP)
 	$(PY) experiments/bench/data_loader.py
 	$(PY) experiments/bench/unet.py
 	$(PY) experiments/bench/metrics.py
+
+# a one-node SLURM cluster on this machine (root): then export the SLURM_CONF line that `up` prints
+cluster-up:
+	slurm/local-cluster.sh up
+
+cluster-down:
+	slurm/local-cluster.sh down
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -83,28 +83,3 @@ def test_clip_resume_is_exact(shapes_dir, tmp_path, devices, batch, noised):
             f"--model.init_args.noised_fraction={noised}"]
     straight, resumed = interrupted_vs_straight(tmp_path, args, devices=devices)
     assert_same_second_half(straight, resumed)
-
-
-@pytest.mark.timeout(300)
-def test_a_requeued_slurm_job_resumes_exactly_from_its_hpc_checkpoint(shapes_dir, tmp_path):
-    """A requeued job (same SLURM_JOB_ID, SLURM_RESTART_COUNT=1) finds the run folder and its newest checkpoint
-    (here an ``hpc_ckpt_*.ckpt`` of step 10, the only one left), resumes without --ckpt_path, and metrics.csv
-    ends with each step once, the resumed ones equal to the first attempt's."""
-    slurm = {"SLURM_JOB_ID": "777", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "ldm",
-             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
-    args = ["fit", *_toy(shapes_dir, 2), "--seed_everything=7", "--trainer.max_steps=20", "--trainer.max_epochs=-1",
-            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", f"--run.root={tmp_path}/runs",
-            "--run.name=r", *checkpoint_every(10)]
-    first = run_ldm(args, cwd=tmp_path, timeout=200, **slurm)
-    assert first.returncode == 0, first.stderr[-4000:]
-    run = tmp_path / "runs/r/slurm_777"
-    (run / "checkpoints/at-step=10.ckpt").rename(run / "hpc_ckpt_1.ckpt")  # as a USR1 at step 10 would leave it
-    for later in (run / "checkpoints").glob("*.ckpt"):
-        later.unlink()  # and a hard kill before any later checkpoint
-    reference = _losses(run)
-    second = run_ldm(args, cwd=tmp_path, timeout=200, **slurm, SLURM_RESTART_COUNT="1")
-    assert second.returncode == 0, second.stderr[-4000:]
-    rows = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(open(run / "metrics.csv"))
-            if r.get("train/loss")]
-    assert [s for s, _ in rows] == list(range(20))  # one metrics.csv, each step once
-    assert dict(rows) == reference  # steps 10-19 trained again, bit for bit

@@ -1,0 +1,1 @@
+"""SLURM: ``ldm submit`` (batch scripts, sweeps as job arrays, recipes as dependent jobs)."""
