@@ -193,3 +193,19 @@ def test_the_demo_recipe_runs_as_dependent_jobs(tmp_path):
     assert first_stage == str(tmp_path / "runs/shapes-demo/autoencoder/version_0")
     assert (tmp_path / "runs/shapes-demo/decoder/version_0/checkpoints/last.ckpt").is_file()
     assert ldm["run"]["group"] == "shapes-demo"
+
+
+def test_fit_sbatch_by_hand_follows_the_allocation_over_a_trainer_config(shards, tmp_path):
+    """The finding's own command: `sbatch --ntasks-per-node=2 --gpus-per-node=0 slurm/fit.sbatch -c
+    configs/trainer/debug.yaml ... --trainer.accelerator=cpu` failed on both tasks (devices=1 from the trainer
+    config against 2 tasks); the template now puts the allocation after the user's arguments."""
+    result = subprocess.run(["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                             "--time=00:10:00", f"--output={tmp_path}/slurm-%j.out", "slurm/fit.sbatch",
+                             *toy(shards, tmp_path / "runs", "--trainer.max_steps=6"), "--trainer.accelerator=cpu"],
+                            cwd=REPO, capture_output=True, text=True, env=ldm_env(SLURM_CONF=os.environ["SLURM_CONF"]))
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    assert wait_done(job) == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
+    run = tmp_path / f"runs/toy/slurm_{job}"
+    assert int(yaml.safe_load((run / "config.yaml").read_text())["trainer"]["devices"]) == 2
+    assert [s for s, _ in train_losses(run)] == list(range(6))

@@ -70,7 +70,7 @@ def test_usr1_checkpoints_the_current_step_requeues_once_and_the_requeued_job_re
 
     args = _args(shapes_dir, tmp_path, 30, *slow)
     run = tmp_path / "runs/r/slurm_777"
-    proc = start_ldm(args, cwd=tmp_path, **SLURM, **env)
+    proc = start_ldm(args, cwd=tmp_path, **SLURM, **env, WANDB_MODE="offline")
     _wait_for(run / "checkpoints/at-step=10.ckpt", proc)
     os.killpg(proc.pid, signal.SIGUSR1)  # trainer and workers, as SLURM signals every process of the step
     first = finish(proc, timeout=120)
@@ -82,9 +82,12 @@ def test_usr1_checkpoints_the_current_step_requeues_once_and_the_requeued_job_re
     assert calls.read_text().split()[1:] == ["requeue", "777"]  # requeued once
     assert max(s for s, _ in _rows(run)) == stopped_at - 1  # logged up to the checkpoint, flushed
 
-    second = run_ldm(args, cwd=tmp_path, timeout=200, **SLURM, **env, SLURM_RESTART_COUNT="1")
+    second = run_ldm(args, cwd=tmp_path, timeout=200, **SLURM, **env, SLURM_RESTART_COUNT="1", WANDB_MODE="offline")
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from {hpc[0]}" in second.stderr
+    wandb_id = (run / "wandb_id").read_text().strip()
+    attempts = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(a.endswith(f"-{wandb_id}") for a in attempts), attempts  # one W&B run
     rows = _rows(run)
     assert [s for s, _ in rows] == list(range(30))  # every step once across both attempts
     assert_same_second_half(dict(_rows(tmp_path / "runs/r/straight")), dict(rows), at=0)
