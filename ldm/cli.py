@@ -184,6 +184,9 @@ class LDMCLI(LightningCLI):
             version = resolve_version(run.root, name, run.version)
             os.environ[VERSION_ENV] = version  # processes spawned for DDP join the same folder
             self.run_dir = os.path.join(run.root, name, version)
+            # decided once, by every rank, before rank 0 marks the folder at the first training step
+            self._slurm_restart = slurm_restart(self.run_dir)
+            self._started.run_dir = self.run_dir
             if self.subcommand == "fit" and is_rank_zero():
                 self._refuse_foreign_run_folder()
             self._created = _first_missing(self.run_dir)
@@ -221,7 +224,7 @@ class LDMCLI(LightningCLI):
             return
         if self.config[self.subcommand].get("ckpt_path") is not None:
             return
-        if slurm_restart(self.run_dir):
+        if self._slurm_restart:
             return
         raise StartError(f"the run folder {self.run_dir} already holds another run (its config.yaml); resume it "
                          "with --ckpt_path, or start a new run with another --run.version or --run.name")
@@ -234,7 +237,7 @@ class LDMCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         run_dir = getattr(self, "run_dir", None) or self.trainer.default_root_dir
         asked = config.get("ckpt_path")
-        if asked == "newest" or (asked is None and slurm_restart(run_dir)):
+        if asked == "newest" or (asked is None and getattr(self, "_slurm_restart", False)):
             from ldm.checkpoints import newest_checkpoint
 
             newest = newest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
@@ -264,12 +267,27 @@ class LDMCLI(LightningCLI):
             os.environ.pop(VERSION_ENV, None)
 
 
+#: in a run folder: the SLURM job and attempt (``<job id>:<restart count>``) that last trained in it
+SLURM_ATTEMPT_FILE = ".slurm_attempt"
+
+
+def slurm_attempt() -> str | None:
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and (
+        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}") or os.environ.get("SLURM_JOB_ID")
+    return f"{job}:{int(os.environ.get('SLURM_RESTART_COUNT', '0') or 0)}" if job else None
+
+
 def slurm_restart(run_dir: str) -> bool:
-    """Whether this SLURM job starts again in its run folder: requeued (``SLURM_RESTART_COUNT`` > 0), or a job
-    whose folder already holds its checkpoints (a requeue that SLURM did not count)."""
+    """Whether this SLURM job continues the run of its folder: requeued (``SLURM_RESTART_COUNT`` > 0), or
+    another job (a resubmitted ``submit.sbatch``) entering a folder that holds checkpoints. A second ``ldm fit``
+    of the same job attempt (the folder's ``.slurm_attempt`` names it) is not: two runs never share a folder."""
+    attempt = slurm_attempt()
+    if attempt is None or not os.path.isdir(run_dir):
+        return False
     if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         return True
-    if not os.environ.get("SLURM_JOB_ID") or not os.path.isdir(run_dir):
+    marker = os.path.join(run_dir, SLURM_ATTEMPT_FILE)
+    if os.path.isfile(marker) and open(marker).read().strip() == attempt:
         return False
     folder = os.path.join(run_dir, "checkpoints")
     return any(f.startswith("hpc_ckpt_") for f in os.listdir(run_dir)) or (
@@ -285,8 +303,12 @@ class _TrainingStarted(Callback):
 
     def __init__(self) -> None:
         self.started = False
+        self.run_dir: str | None = None
 
     def _start(self, trainer: Trainer) -> None:
+        if not self.started and trainer.state.fn == "fit" and self.run_dir and slurm_attempt() and is_rank_zero():
+            with open(os.path.join(self.run_dir, SLURM_ATTEMPT_FILE), "w") as f:  # see slurm_restart
+                f.write(slurm_attempt() + "\n")
         self.started = True
         for logger in trainer.loggers:
             if isinstance(logger, RunWandbLogger):
