@@ -30,6 +30,7 @@ from ldm.diffusion.precond import (
     VPPrecond,
     VPrecond,
     X0Precond,
+    sampling_sigmas,
 )
 from ldm.diffusion.prior import PriorTransformer
 from ldm.diffusion.samplers import (
@@ -59,5 +60,5 @@ __all__ = [
     "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition", "drop_randomly",
     "gradient_guidance", "invert_ddim", "known_region_denoiser", "karras_sigmas", "null_condition", "offset_noise_like",
     "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler",
-    "sample_euler_ancestral", "sample_heun",
+    "sample_euler_ancestral", "sample_heun", "sampling_sigmas",
 ]

@@ -26,12 +26,16 @@ weighting in one place.
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ldm.diffusion.denoiser import Cond, append_dims
-from ldm.diffusion.schedules import DiscreteSchedule
+from ldm.diffusion.schedules import DiscreteSchedule, karras_sigmas
+
+#: how sampling spaces its noise levels: a discrete VP schedule's timestep spacings, or Karras et al.'s
+SamplingSpacing = Literal["leading", "trailing", "linspace", "karras"]
 
 
 class Preconditioner(nn.Module):
@@ -166,3 +170,17 @@ class EDMPrecond(Preconditioner):
     @property
     def sigma_max(self) -> float:
         return self._sigma_max
+
+
+def sampling_sigmas(precond: Preconditioner, steps: int, spacing: SamplingSpacing = "leading") -> Tensor:
+    """The noise levels of ``steps`` sampling steps: descending, ending in exactly one 0 (length steps + 1).
+
+    A discrete VP model samples its own timesteps (``spacing`` leading / trailing / linspace); ``karras``,
+    and every continuous model (EDM), use Karras et al.'s levels between the preconditioner's
+    ``sigma_min`` and ``sigma_max``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if spacing != "karras" and isinstance(precond, VPPrecond):
+        return precond.schedule.sigmas_for(steps, spacing).float()
+    return karras_sigmas(steps, precond.sigma_min, precond.sigma_max).float()  # already ends in 0

@@ -60,8 +60,8 @@ class ClipGuided(TextToImage):
         self.clip = clip.to(system.device).eval().requires_grad_(False)
         self.scale, self.noised, self.through_denoiser = scale, noised, through_denoiser
 
-    def denoiser_for(self, prompts: Sequence[str], cond, settings: SamplerSettings):
-        model_fn = self.guided_denoiser(cond, settings)
+    def denoiser_for(self, prompts: Sequence[str], cond, settings: SamplerSettings, uncond=None):
+        model_fn = self.guided_denoiser(cond, settings, uncond)
         if self.scale == 0:
             return model_fn
         decode, prompts = self.system.first_stage.decode, list(prompts)

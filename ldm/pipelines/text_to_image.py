@@ -23,14 +23,13 @@ from torch import Tensor
 from ldm.diffusion import (
     SAMPLERS,
     classifier_free_guidance,
-    karras_sigmas,
     null_condition,
     progress_bar,
 )
-from ldm.diffusion.precond import Preconditioner, VPPrecond
-from ldm.diffusion.schedules import append_zero
-
-Spacing = Literal["leading", "trailing", "linspace", "karras"]
+from ldm.autoencoder import IdentityFirstStage
+from ldm.diffusion.precond import SamplingSpacing as Spacing
+from ldm.diffusion.precond import sampling_sigmas
+from ldm.diffusion.thresholding import thresholded
 
 
 @dataclass
@@ -38,7 +37,11 @@ class SamplerSettings:
     """How to sample: the sampler's name (a key of ``SAMPLERS``), steps, guidance scale, seed.
 
     ``eta`` is the noise of DDIM / Euler-ancestral steps; ``rescale`` the guidance rescale of
-    Lin et al. 2024; ``spacing`` the timestep spacing (``karras`` for continuous models).
+    Lin et al. 2024; ``spacing`` the timestep spacing (``karras`` for continuous models);
+    ``threshold`` what happens to the (guided) x0 estimate at every step (:mod:`ldm.diffusion.thresholding`):
+    ``clip`` to [-1, 1], Imagen's ``dynamic`` thresholding, or ``none``; ``auto`` clips a pixel-space
+    model and leaves latents alone. ``negative_prompt``: the condition of classifier-free guidance's
+    other branch (what to steer away from); empty, it is the null condition (plain CFG).
     """
 
     sampler: str = "dpmpp_2m"
@@ -48,12 +51,16 @@ class SamplerSettings:
     eta: float = 0.0
     rescale: float = 0.0
     spacing: Spacing = "leading"
+    threshold: Literal["auto", "none", "clip", "dynamic"] = "auto"
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.threshold not in ("auto", "none", "clip", "dynamic"):
+            raise ValueError(f"unknown threshold {self.threshold!r}; choose auto, none, clip or dynamic")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,13 +69,6 @@ class SamplerSettings:
 def sampler_options(settings: SamplerSettings) -> dict:
     """Keyword arguments of the chosen sampler that come from the settings (eta where it has one)."""
     return {"eta": settings.eta} if "eta" in inspect.signature(SAMPLERS[settings.sampler]).parameters else {}
-
-
-def sampling_sigmas(precond: Preconditioner, steps: int, spacing: Spacing = "leading") -> Tensor:
-    """Descending noise levels ending in 0 (length steps + 1) for a preconditioner."""
-    if spacing != "karras" and isinstance(precond, VPPrecond):
-        return precond.schedule.sigmas_for(steps, spacing).float()
-    return append_zero(karras_sigmas(steps, precond.sigma_min, precond.sigma_max)).float()
 
 
 def initial_noise(n: int, shape: Sequence[int], seed: int, offset: int = 0) -> Tensor:
@@ -134,17 +134,37 @@ class TextToImage:
         mask = torch.ones_like(like[:, :1]) if mask is None else mask
         return self.system.with_inpainting_input(cond or {}, known, mask)
 
-    def guided_denoiser(self, cond: dict[str, Tensor] | None, settings: SamplerSettings):
-        """The system's denoiser, with classifier-free guidance at ``settings.cfg`` when there is a condition."""
+    def guided_denoiser(self, cond: dict[str, Tensor] | None, settings: SamplerSettings,
+                        uncond: dict[str, Tensor] | None = None):
+        """The system's denoiser, with classifier-free guidance at ``settings.cfg`` when there is a condition
+        (its other branch ``uncond``, e.g. a negative prompt's condition, else the null condition), and its x0
+        estimate thresholded as ``settings.threshold`` says."""
         model_fn = self.system.denoiser()
         if cond is not None and settings.cfg != 1.0:
-            model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=null_condition(cond),
+            model_fn = classifier_free_guidance(model_fn, scale=settings.cfg,
+                                                uncond=null_condition(cond) if uncond is None else uncond,
                                                 rescale=settings.rescale)
-        return model_fn
+        return thresholded(model_fn, self.threshold_mode(settings))
 
-    def denoiser_for(self, prompts: Sequence[str], cond: dict[str, Tensor] | None, settings: SamplerSettings):
+    def threshold_mode(self, settings: SamplerSettings) -> str:
+        """``settings.threshold``, with ``auto`` resolved: clip in pixel space, nothing for latents."""
+        if settings.threshold != "auto":
+            return settings.threshold
+        return "clip" if isinstance(self.system.first_stage, IdentityFirstStage) else "none"
+
+    def denoiser_for(self, prompts: Sequence[str], cond: dict[str, Tensor] | None, settings: SamplerSettings,
+                     uncond: dict[str, Tensor] | None = None):
         """The denoiser that samples ``prompts`` (subclasses add guidance that reads the prompts)."""
-        return self.guided_denoiser(cond, settings)
+        return self.guided_denoiser(cond, settings, uncond)
+
+    def negative_condition(self, n: int, start: int, like: Tensor, settings: SamplerSettings):
+        """The condition of ``settings.negative_prompt`` for ``n`` images, or None (no negative prompt)."""
+        if not settings.negative_prompt:
+            return None
+        negative = self.condition([settings.negative_prompt] * n, start)
+        if negative is None:
+            raise ValueError("a negative prompt needs a text-conditioned model; this one is unconditional")
+        return self.with_task_input(negative, like)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
@@ -174,7 +194,8 @@ class TextToImage:
                 x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
                 x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
             cond = self.with_task_input(self.condition(part, lo), x)
-            model_fn = self.denoiser_for(part, cond, settings)
+            uncond = self.negative_condition(len(part), lo, x, settings) if cond is not None else None
+            model_fn = self.denoiser_for(part, cond, settings, uncond)
             gen = torch.Generator(system.device).manual_seed(settings.seed + index_offset + lo)
             desc = f"sampling {settings.sampler}" + (f" [{c + 1}/{chunks}]" if chunks > 1 else "")
             callback = progress_bar(desc) if progress else None

@@ -43,7 +43,7 @@ from ldm.diffusion import (
     null_condition,
 )
 from ldm.metrics.retrieval import recall_at_k
-from ldm.pipelines.text_to_image import sampling_sigmas
+from ldm.diffusion.precond import sampling_sigmas
 from ldm.systems.optim import Shared, trainable_with_warmup
 from ldm.systems.validation import (
     RowMeans,
