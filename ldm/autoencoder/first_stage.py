@@ -39,12 +39,11 @@ class AutoencoderFirstStage(FirstStage):
 
     def __init__(self, checkpoint: str):
         super().__init__()
-        from ldm.systems.loading import (
-            load_autoencoder,  # systems import Lightning; keep this module pure
-        )
+        from ldm.autoencoder.model import Autoencoder
+        from ldm.run_parts import load_part
 
         self.checkpoint = checkpoint
-        self.autoencoder = load_autoencoder(checkpoint)
+        self.autoencoder = load_part(checkpoint, "autoencoder", Autoencoder)
         self.requires_grad_(False)
         self.eval()
         self.latent_channels = self.autoencoder.latent_channels

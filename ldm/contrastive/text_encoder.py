@@ -8,13 +8,22 @@ ViT-H/14 that Stable Diffusion 2 conditions on). ``forward(tokens)`` returns
   sequence the U-Net cross-attends to and the prior reads;
 * ``mask`` (B, T): True on real tokens (start, words, end), False on padding;
 * ``pooled`` (B, D): the normalised text embedding (CLIP's joint space).
+
+The shared open_clip model is only read, never reconfigured: per-token features come from
+the text tower's own pieces (``forward_intermediates`` of a custom text tower, the
+transformer and pooler of a Hugging Face tower), so ``encode_text`` of the same model (CLIP
+score, CLIP guidance, ``embed_texts``) is unaffected. Padding is whatever the tokenizer pads
+with: 0 for open_clip's BPE ``SimpleTokenizer``, the wrapped Hugging Face tokenizer's
+``pad_token_id`` for ``HFTokenizer`` / ``SigLipTokenizer`` (1 for SigLIP's T5 vocabulary,
+where it is also the end token: the first one is then kept as the end).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
+from open_clip.hf_model import ClsPooler, HFTextEncoder
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
 from ldm.contrastive.model import OpenCLIP
@@ -26,9 +35,9 @@ class FrozenTextEncoder(nn.Module):
         if (checkpoint is None) == (model_name is None):
             raise ValueError("give either checkpoint (a contrastive run) or model_name (+ pretrained file)")
         if checkpoint is not None:
-            from ldm.systems.loading import load_clip
+            from ldm.run_parts import load_part
 
-            self.model = load_clip(checkpoint)
+            self.model = load_part(checkpoint, "model", OpenCLIP)
         else:
             self.model = OpenCLIP(model_name=model_name, pretrained=pretrained)
         self.model.eval().requires_grad_(False)
@@ -47,19 +56,68 @@ class FrozenTextEncoder(nn.Module):
         tokens = self.tokenizer(list(prompts)).to(device or next(self.model.parameters()).device)
         return self(tokens)
 
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
     @torch.no_grad()
     def forward(self, tokens: Tensor) -> dict[str, Tensor]:
-        clip = self.model.clip
-        if hasattr(clip, "text"):  # CustomTextCLIP: the tower returns (pooled, tokens) when asked
-            clip.text.output_tokens = True
-            pooled, feats = clip.text(tokens)
-        else:
-            cast = clip.transformer.get_cast_dtype()
-            x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding.to(cast)  # (B, T, W)
-            x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # (B, T, W)
-            feats = x
-            pooled = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
-            proj = clip.text_projection
-            if proj is not None:
-                pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return {"tokens": feats, "mask": tokens != 0, "pooled": F.normalize(pooled, dim=-1)}
+        pooled, feats = text_features(self.model.clip, tokens)  # (B, D), (B, T, W)
+        return {"tokens": feats, "mask": padding_mask(tokens, self.pad_id, end_token_id(self.tokenizer)),
+                "pooled": F.normalize(pooled, dim=-1)}
+
+
+def text_features(clip: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Unnormalised pooled embedding (B, D) and final per-token features (B, T, W) of token ids (B, T).
+
+    Reads ``clip`` (an open_clip ``CLIP``, ``CustomTextCLIP`` or ``CoCa``) without changing it.
+    """
+    tower = getattr(clip, "text", None)
+    if tower is None:  # CLIP: the text tower's parts live on the model itself
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding.to(cast)  # (B, T, W)
+        feats = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # (B, T, W)
+        pooled = text_global_pool(feats, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        proj = clip.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # (B, D)
+        return pooled, feats
+    if isinstance(tower, TextTransformer):  # custom text (SigLIP family, CoCa): same pass as tower.forward
+        out = tower.forward_intermediates(tokens, indices=1, normalize_intermediates=True, output_fmt="NLC")
+        return out["text_features"], out["text_intermediates"][-1]  # (B, D), ln_final of the last block (B, T, W)
+    if isinstance(tower, HFTextEncoder):  # Hugging Face text model: HFTextEncoder.forward without output_tokens
+        attn_mask = (tokens != tower.config.pad_token_id).long()  # (B, T)
+        out = tower.transformer(input_ids=tokens, attention_mask=attn_mask)
+        pooled = tower.proj(tower.pooler(out, attn_mask))  # (B, D)
+        feats = out.last_hidden_state  # (B, T, W)
+        if type(tower.pooler) is ClsPooler:  # the tower leaves its pooled CLS position out of the tokens
+            keep = torch.arange(feats.shape[1], device=feats.device) != tower.pooler.cls_token_position
+            feats = feats[:, keep]
+        return pooled, feats
+    raise TypeError(f"no per-token features for a text tower of type {type(tower).__name__}")
+
+
+def _hf(tokenizer):
+    return getattr(tokenizer, "tokenizer", None)  # HFTokenizer / SigLipTokenizer wrap a transformers tokenizer
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id an open_clip tokenizer pads with: the wrapped HF tokenizer's, else 0 (``SimpleTokenizer``)."""
+    pad = getattr(_hf(tokenizer), "pad_token_id", None)
+    return 0 if pad is None else int(pad)
+
+
+def end_token_id(tokenizer) -> int | None:
+    """The id that ends a text (``SimpleTokenizer``'s end of text, the HF tokenizer's eos), if known."""
+    eos = getattr(_hf(tokenizer), "eos_token_id", None)
+    eos = getattr(tokenizer, "eot_token_id", None) if eos is None else eos
+    return None if eos is None else int(eos)
+
+
+def padding_mask(tokens: Tensor, pad_id: int, end_id: int | None = None) -> Tensor:
+    """True on real tokens (B, T). Where the end token is the pad token (SigLIP), the first pad is the end: kept."""
+    mask = tokens != pad_id  # (B, T)
+    if end_id == pad_id:
+        first = (~mask).int().argmax(dim=1, keepdim=True)  # (B, 1): first pad; 0 where there is none
+        mask = mask.scatter(1, first, True)  # a row without padding only re-marks a real token
+    return mask

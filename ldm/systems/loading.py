@@ -19,62 +19,9 @@ import torch
 import yaml
 from jsonargparse import ArgumentParser
 
-from ldm.checkpoints import CheckpointError, checkpoint_problem, is_temp_file, load_checkpoint_file
+from ldm.checkpoint_files import find_checkpoint, find_config, load_checkpoint_file, run_config  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself if it is a file, else ``last.ckpt`` or the newest ``*.ckpt`` under ``path/checkpoints``.
-
-    Only complete checkpoints are picked: a truncated or unreadable one (a writer killed mid-save by an older
-    version, a full disk, a copy cut short) is skipped with a warning for the newest complete one, and
-    temporary files (``*.tmp*``) are never candidates. A file named explicitly is returned as it is: loading it
-    (:func:`~ldm.checkpoints.load_checkpoint_file`) says if it is incomplete.
-    """
-    path = Path(path).expanduser()
-    if path.is_file():
-        return path
-    folder = path / "checkpoints"
-    candidates = []  # (mtime, path)
-    for ckpt in folder.glob("*.ckpt") if folder.is_dir() else []:
-        mtime = _mtime(ckpt)
-        if mtime is not None and not is_temp_file(ckpt):
-            candidates.append((mtime, ckpt))
-    if not candidates:
-        raise FileNotFoundError(f"no checkpoint: {path} is neither a .ckpt file nor a run folder with checkpoints/*.ckpt")
-    # last.ckpt first (the weights of the last step), then newest first
-    ordered = [p for _, p in sorted(candidates, key=lambda c: (c[1].name == "last.ckpt", c[0]), reverse=True)]
-    skipped = []
-    for ckpt in ordered:
-        problem = checkpoint_problem(ckpt)
-        if problem is None:
-            return ckpt
-        log.warning("skipping checkpoint %s: %s; trying an older one", ckpt, problem)
-        skipped.append(f"{ckpt.name} ({problem})")
-    raise CheckpointError(f"no complete checkpoint in {folder}: " + "; ".join(skipped))
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:  # removed meanwhile (a checkpoint callback rotating its top-k)
-        return None
-
-
-def find_config(ckpt: Path) -> Path:
-    for folder in (ckpt.parent, ckpt.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return folder / "config.yaml"
-    raise FileNotFoundError(
-        f"no config.yaml beside {ckpt} or in {ckpt.parent.parent}: load a checkpoint from the run folder "
-        "that `ldm fit` wrote (runs/<name>/<version>/), which holds config.yaml"
-    )
-
-
-def run_config(path: str | os.PathLike) -> dict:
-    """The resolved config.yaml of a run folder (or of a checkpoint inside one)."""
-    return yaml.safe_load(find_config(find_checkpoint(path)).read_text()) or {}
 
 
 def run_image_size(path: str | os.PathLike) -> int | None:
