@@ -1,11 +1,13 @@
 """The contrastive system: trains an :class:`~ldm.contrastive.OpenCLIP` with CLIP's or SigLIP's loss.
 
-AdamW without weight decay on gains, biases, embeddings and the logit scale / bias (as
-open_clip_train), linear warmup then cosine decay, the logit scale clamped to ln(100) after
-every step. Logs the loss, the temperature (exp logit scale), the bias and the in-batch
-image->text accuracy. Validation embeds the whole validation split, gathers it exactly
-across ranks (the data module pads ranks to equal length and marks the padding) and logs
-image<->text recall@k, the zero-shot accuracy of each configured task, and ``val/loss``: the
+AdamW without weight decay on gains, biases and the logit scale / bias, with it on everything
+else, token and positional embeddings included: open_clip_train's rule (``main.py``: no decay where
+``p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n``); ``decay_embeddings=False``
+also exempts the embeddings (this system's default before issue 15). Linear warmup then cosine
+decay, the logit scale clamped to ln(100) after every step. Logs the loss, the temperature
+(exp logit scale), the bias and the in-batch image->text accuracy. Validation embeds the whole
+validation split, gathers it exactly across ranks (the data module pads ranks to equal length and
+marks the padding) and logs image<->text recall@k, the zero-shot accuracy of each configured task, and ``val/loss``: the
 contrastive loss with the whole validation split (its valid rows) as one batch. An in-batch loss
 depends on what shares the batch; over the whole split it is one figure for any world size and
 validation batch size (larger than the training loss, which sees fewer negatives), at the cost of
@@ -25,7 +27,12 @@ from ldm.contrastive.noised import noise_images
 from ldm.metrics.retrieval import class_embeddings, recall_at_k, zero_shot_accuracy
 from ldm.systems.validation import gather_rows
 
-_NO_DECAY = ("bias", "logit_scale", "logit_bias", "embedding", "ln_", "norm", "bn")
+
+def no_weight_decay(name: str, p: torch.nn.Parameter, decay_embeddings: bool = True) -> bool:
+    """open_clip_train's exclusion rule (``main.py``) on a parameter of the open_clip model; with
+    ``decay_embeddings=False`` also every parameter named ``*embedding*`` (token, positional, class)."""
+    return (p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+            or (not decay_embeddings and "embedding" in name))
 
 
 class ContrastiveSystem(L.LightningModule):
@@ -33,6 +40,9 @@ class ContrastiveSystem(L.LightningModule):
         model: the CLIP / SigLIP model.
         loss: :class:`~ldm.contrastive.ClipLoss` or :class:`~ldm.contrastive.SigLipLoss`.
         lr, weight_decay, betas, eps: AdamW (open_clip_train's defaults for ViT-B: 5e-4, 0.2, (0.9, 0.98), 1e-6).
+            No decay on gains, biases and the logit scale / bias (open_clip_train's rule, :func:`no_weight_decay`).
+        decay_embeddings: decay the token and positional embeddings, as open_clip_train does; ``False``
+            exempts them (this system's default before issue 15; set it to resume such a run's optimizer state).
         warmup_steps: linear warmup; then cosine decay to 0 at the trainer's last step.
         zero_shot: zero-shot classification tasks evaluated on the validation split.
         recall_ks: k of the retrieval recall@k.
@@ -46,7 +56,7 @@ class ContrastiveSystem(L.LightningModule):
     def __init__(self, model: OpenCLIP, loss: ContrastiveLoss, lr: float = 5e-4, weight_decay: float = 0.2,
                  betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 100,
                  zero_shot: list[ZeroShotTask] | None = None, recall_ks: list[int] | None = None,
-                 noised_fraction: float = 0.0):
+                 noised_fraction: float = 0.0, decay_embeddings: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["model", "loss"])
         self.model, self.loss = model, loss
@@ -119,12 +129,11 @@ class ContrastiveSystem(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim < 2 or any(k in name for k in _NO_DECAY) else decay).append(p)
         hp = self.hparams
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():  # "clip." + the names open_clip_train's rule sees
+            if p.requires_grad:
+                (no_decay if no_weight_decay(name, p, hp.decay_embeddings) else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas, eps=hp.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1

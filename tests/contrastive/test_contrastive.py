@@ -85,7 +85,9 @@ def test_zero_shot_task_labels():
     task = ZeroShotTask("colour", classes=["red", "blue"], label="objects.0.color", single="objects")
     assert task.label_of({"objects": [{"color": "blue"}]}) == 1
     assert task.label_of({"objects": [{"color": "blue"}, {"color": "red"}]}) == -1
-    assert task.label_of({"objects": [{"color": "green"}]}) == -1 and task.label_of({}) == -1
+    assert task.label_of({}) == -1
+    with pytest.raises(ValueError, match="'green' is not one of its 2 classes"):  # was a silent -1 (issue 15)
+        task.label_of({"objects": [{"color": "green"}]})
 
 
 def test_tokenizer_truncates_and_handles_empty_captions():
