@@ -1,6 +1,7 @@
 """``ldm sample``: images from a trained latent-diffusion or unCLIP-decoder run, in one of several modes.
 
     ldm sample --ckpt RUN --prompt "a red circle" [--prompt ...] [--prompts FILE] [--n 4]      # text -> image
+    ldm sample --ckpt RUN --prompts captions.csv --prompt-column text    # FILE: .txt .json .jsonl .csv .tsv
     ldm sample --ckpt DECODER --prior PRIOR --prompt ...                 # unCLIP: text -> prior -> decoder
     ldm sample --ckpt DECODER --mode variations --image in.png --n 4 --sampler ddim --eta 1
     ldm sample --ckpt DECODER --mode interpolate --image a.png --image b.png --frames 8
@@ -11,8 +12,9 @@
     ... [--clip-guidance 1000 [--clip CLIP_RUN] [--noised-clip]] [--attention-maps]
 
 Every mode writes the captioned grid or strip (``--out``), every image on its own
-(``<out stem>/NNN-<caption>.png``) and a record (``<out stem>.json``: checkpoints, mode, inputs,
-prompts, seeds, sampler settings, files). Image ``i`` starts from the noise of seed ``seed + i``,
+(``<out stem>/NNNN-<caption>.png``, numbered in generation order with as many digits as the count needs, at
+least four, so that the names sort) and a record (``<out stem>.json``: checkpoints, mode, inputs, prompts and
+their file, seeds, sampler settings, files). Image ``i`` starts from the noise of seed ``seed + i``,
 so the same command gives the same images. A decoder conditioned on CLIP image embeddings
 (``configs/unclip/``) reads prompts through ``--prior`` (or, without one, through the CLIP text
 embedding itself); a cross-attention run reads them directly.
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.diffusion.samplers import SAMPLERS
+from ldm.tools.prompts import read_prompt_file
 
 MODES = ("text", "variations", "interpolate", "text-diff", "img2img", "inpaint", "invert")
 UNCLIP_MODES = ("variations", "interpolate", "text-diff")
@@ -42,13 +45,22 @@ def _parser() -> argparse.ArgumentParser:
                    ".ckpt in one")
     p.add_argument("--mode", default="text", choices=MODES)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
-    p.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--prompts", help="a prompt file, read by its extension: .txt (one prompt per line), .json (a list "
+                   "of strings or of objects with a caption field), .jsonl (one string or object per line), .csv / "
+                   ".tsv (a header with a caption column)")
+    p.add_argument("--prompt-column", help="the caption field or column of a --prompts .json/.jsonl/.csv/.tsv file "
+                   "(default: the first of caption, text, prompt)")
     p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--rescale", type=float, default=0.0, help="guidance rescale (Lin et al. 2024), 0 = off")
     p.add_argument("--eta", type=float, default=0.0, help="noise of ddim / euler_ancestral steps")
     p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace", "karras"])
+    p.add_argument("--negative-prompt", default="",
+                   help="what guidance steers away from: the other branch of classifier-free guidance (default: none)")
+    p.add_argument("--threshold", default="auto", choices=["auto", "none", "clip", "dynamic"],
+                   help="x0 estimate at every step: clip to [-1, 1], Imagen's dynamic thresholding, or none; auto "
+                        "clips pixel-space models and leaves latents alone")
     p.add_argument("--n", type=int, default=1, help="images per prompt (text, img2img, inpaint) or variations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, help="image size in pixels (default: the run's data.image_size)")
@@ -90,13 +102,24 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty"
 
 
+def image_file_names(captions: Sequence[str]) -> list[str]:
+    """``NNNN-<slug>.png`` per caption, numbered in order with a width that fits them all (at least 4 digits):
+    the names sort in generation order."""
+    width = max(4, len(str(len(captions) - 1)))
+    return [f"{i:0{width}d}-{slug(caption)}.png" for i, caption in enumerate(captions)]
+
+
 def read_prompts(args, required: bool = True) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts {path}: no such file")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
+        try:
+            prompts += read_prompt_file(args.prompts, column=args.prompt_column)
+        except ValueError as e:  # the message names the file and the line, row or item
+            raise ValueError(f"--prompts {e}") from e
+    elif args.prompt_column:
+        raise ValueError("--prompt-column names the caption column of a --prompts file: give --prompts FILE")
     if not prompts and required:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
@@ -294,7 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ldm.systems.loading import find_checkpoint, run_image_size
 
         settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                                   eta=args.eta, rescale=args.rescale, spacing=args.spacing)
+                                   eta=args.eta, rescale=args.rescale, spacing=args.spacing,
+                                   threshold=args.threshold, negative_prompt=args.negative_prompt)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         job = Job(args, settings, device)
         size = args.size or run_image_size(args.ckpt)
@@ -308,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
     files = []
-    for i, (image, caption) in enumerate(zip(to_pil(images), captions)):
-        path = folder / f"{i:03d}-{slug(caption)}.png"
+    for image, caption, name in zip(to_pil(images), captions, image_file_names(captions)):
+        path = folder / name
         image.save(path)
         files.append({"file": str(path), "caption": caption})
     caption_grid(list(zip(to_pil(images), captions)), cell=max(96, min(size, 256)), columns=columns).save(out)
@@ -329,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "prompts_read_by": ("the run's text encoder" if job.unclip is None else
                                   "the diffusion prior" if args.prior else "the CLIP text embedding (no prior)"),
               "image_size": size,
-              "prompts": prompts, "n": args.n, "inputs": args.image, "settings": settings.to_dict(),
+              "prompts": prompts, "prompts_file": args.prompts, "prompt_column": args.prompt_column, "n": args.n,
+              "inputs": args.image, "settings": settings.to_dict(),
               "clip_guidance": {"scale": args.clip_guidance, "clip": args.clip, "noised": args.noised_clip,
                                 "through_denoiser": args.clip_through_denoiser} if args.clip_guidance else None,
               **extra, "grid": str(out), "images": files}

@@ -232,7 +232,7 @@ def test_sample_cli_inpaints_what_the_mask_covers_on_a_non_square_image(ldm_run,
     common = ["--ckpt", str(ldm_run.run_dir), "--steps", "2", "--quiet", "--mode", "inpaint", "--image", "wide.png",
               "--prompt", "a red circle", "--size", "32"]
     assert main([*common, "--mask", "mask.png", "--out", "a/grid.png"]) == 0
-    shown = np.asarray(Image.open(next((tmp_path / "a/grid").glob("000-*.png"))).convert("RGB")).astype(int)
+    shown = np.asarray(Image.open(next((tmp_path / "a/grid").glob("0000-*.png"))).convert("RGB")).astype(int)
     magenta = (shown == [255, 0, 255]).all(axis=-1)  # (32, 32)
     assert magenta.all(axis=0).nonzero()[0].tolist() == list(range(8))
     assert not magenta[:, 8:].any()

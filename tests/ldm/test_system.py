@@ -110,7 +110,7 @@ def test_ldm_sample_writes_grid_images_and_settings_deterministically(ldm_run, t
     assert record["settings"]["sampler"] == "euler_ancestral" and record["image_size"] == 32
     assert [i["seed"] for i in record["images"]] == [3, 4, 5, 6]
     files = sorted(p.name for p in (tmp_path / "a/grid").iterdir())
-    assert files == ["000-a-red-circle.png", "001-a-red-circle.png", "002-a-yellow-star.png", "003-a-yellow-star.png"]
+    assert files == ["0000-a-red-circle.png", "0001-a-red-circle.png", "0002-a-yellow-star.png", "0003-a-yellow-star.png"]
     for name in files:
         assert (tmp_path / "a/grid" / name).read_bytes() == (tmp_path / "b/grid" / name).read_bytes()
     assert (tmp_path / "a/grid.png").stat().st_size > 0 and second.returncode == 0
