@@ -9,6 +9,11 @@ ViT-H/14 that Stable Diffusion 2 conditions on). ``forward(tokens)`` returns
 * ``mask`` (B, T): True on real tokens (start, words, end), False on padding;
 * ``pooled`` (B, D): the normalised text embedding (CLIP's joint space).
 
+``layer`` picks the text transformer block whose output (after the final LayerNorm) is ``tokens``:
+-1 the last, -2 the penultimate ("clip skip", what Stable Diffusion 2 conditions on: the OpenCLIP
+ViT-H/14 text features of its second-to-last block, then ``ln_final``). ``pooled`` is always the
+model's own text embedding.
+
 The shared open_clip model is only read, never reconfigured: per-token features come from
 the text tower's own pieces (``forward_intermediates`` of a custom text tower, the
 transformer and pooler of a Hugging Face tower), so ``encode_text`` of the same model (CLIP
@@ -30,10 +35,16 @@ from ldm.contrastive.model import OpenCLIP
 
 
 class FrozenTextEncoder(nn.Module):
-    def __init__(self, checkpoint: str | None = None, model_name: str | None = None, pretrained: str | None = None):
+    layer: int = -1  # the text block whose output is ``tokens`` (see the module docstring)
+
+    def __init__(self, checkpoint: str | None = None, model_name: str | None = None, pretrained: str | None = None,
+                 layer: int = -1):
         super().__init__()
         if (checkpoint is None) == (model_name is None):
             raise ValueError("give either checkpoint (a contrastive run) or model_name (+ pretrained file)")
+        if layer >= 0:
+            raise ValueError(f"layer counts from the end (-1 the last block, -2 the penultimate), got {layer}")
+        self.layer = layer
         if checkpoint is not None:
             from ldm.run_parts import load_part
 
@@ -62,13 +73,20 @@ class FrozenTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: Tensor) -> dict[str, Tensor]:
-        pooled, feats = text_features(self.model.clip, tokens)  # (B, D), (B, T, W)
+        pooled, feats = text_features(self.model.clip, tokens, self.layer)  # (B, D), (B, T, W)
         return {"tokens": feats, "mask": padding_mask(tokens, self.pad_id, end_token_id(self.tokenizer)),
                 "pooled": F.normalize(pooled, dim=-1)}
 
 
-def text_features(clip: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Unnormalised pooled embedding (B, D) and final per-token features (B, T, W) of token ids (B, T).
+def _block(blocks: int, layer: int) -> int:
+    if not -blocks <= layer <= -1:
+        raise ValueError(f"layer {layer}: the text transformer has {blocks} blocks (-1 to -{blocks})")
+    return blocks + layer
+
+
+def text_features(clip: nn.Module, tokens: Tensor, layer: int = -1) -> tuple[Tensor, Tensor]:
+    """Unnormalised pooled embedding (B, D) and per-token features (B, T, W) of token ids (B, T): the output of
+    text block ``layer`` (-1 the last) after the final LayerNorm.
 
     Reads ``clip`` (an open_clip ``CLIP``, ``CustomTextCLIP`` or ``CoCa``) without changing it.
     """
@@ -76,16 +94,25 @@ def text_features(clip: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
     if tower is None:  # CLIP: the text tower's parts live on the model itself
         cast = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding.to(cast)  # (B, T, W)
-        feats = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # (B, T, W)
-        pooled = text_global_pool(feats, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if layer == -1:
+            final = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask))  # (B, T, W)
+            feats = final
+        else:
+            index = _block(len(clip.transformer.resblocks), layer)
+            last, (inner,) = clip.transformer.forward_intermediates(x, attn_mask=clip.attn_mask, indices=[index])
+            final, feats = clip.ln_final(last), clip.ln_final(inner)  # (B, T, W) each
+        pooled = text_global_pool(final, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         proj = clip.text_projection
         if proj is not None:
             pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj  # (B, D)
         return pooled, feats
     if isinstance(tower, TextTransformer):  # custom text (SigLIP family, CoCa): same pass as tower.forward
-        out = tower.forward_intermediates(tokens, indices=1, normalize_intermediates=True, output_fmt="NLC")
-        return out["text_features"], out["text_intermediates"][-1]  # (B, D), ln_final of the last block (B, T, W)
+        index = _block(len(tower.transformer.resblocks), layer)
+        out = tower.forward_intermediates(tokens, indices=[index], normalize_intermediates=True, output_fmt="NLC")
+        return out["text_features"], out["text_intermediates"][-1]  # (B, D), ln_final of that block (B, T, W)
     if isinstance(tower, HFTextEncoder):  # Hugging Face text model: HFTextEncoder.forward without output_tokens
+        if layer != -1:
+            raise ValueError("layer != -1 is not supported for Hugging Face text towers")
         attn_mask = (tokens != tower.config.pad_token_id).long()  # (B, T)
         out = tower.transformer(input_ids=tokens, attention_mask=attn_mask)
         pooled = tower.proj(tower.pooler(out, attn_mask))  # (B, D)

@@ -51,8 +51,10 @@ def caption_grid(items: Sequence[tuple[Image.Image, str]], cell: int = 160, colu
     for i, (image, caption) in enumerate(items):
         r, c = divmod(i, columns)
         x, y = pad + c * (cell + pad), pad + r * (cell + text_h + pad)
-        resample = Image.Resampling.NEAREST if image.width < cell else Image.Resampling.LANCZOS
-        grid.paste(image.resize((cell, cell), resample), (x, y))
+        resample = Image.Resampling.NEAREST if max(image.size) < cell else Image.Resampling.LANCZOS
+        scale = cell / max(image.size)  # fit the cell, keeping the aspect ratio (a square image fills it)
+        w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+        grid.paste(image.resize((w, h), resample), (x + (cell - w) // 2, y + (cell - h) // 2))
         lines = textwrap.wrap(caption, chars)[:caption_lines]
         for k, line in enumerate(lines):
             draw.text((x, y + cell + 3 + k * line_h), line, fill=(20, 20, 20), font=font)

@@ -97,12 +97,16 @@ class TextToImage:
                             "(ldm sample needs a checkpoint of ldm.systems.LatentDiffusion)")
         return cls(system.to(device), **kwargs)
 
-    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+    def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
+        """(C, h, w) of the latents of ``image_size`` pixels (a side, or (height, width)), each a multiple of the
+        first stage's downsampling factor."""
         fs = self.system.first_stage
-        if image_size % fs.downsample_factor:
-            raise ValueError(f"image size {image_size} is not a multiple of the first stage's factor {fs.downsample_factor}")
-        side = image_size // fs.downsample_factor
-        return fs.latent_channels, side, side
+        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        for name, side in (("height", height), ("width", width)):
+            if side < 1 or side % fs.downsample_factor:
+                raise ValueError(f"image {name} {side} is not a positive multiple of the first stage's factor "
+                                 f"{fs.downsample_factor}")
+        return fs.latent_channels, height // fs.downsample_factor, width // fs.downsample_factor
 
     def condition(self, prompts: Sequence[str], start: int = 0) -> dict[str, Tensor] | None:
         """The condition of ``prompts``, which stand at index ``start`` of the list being sampled."""
@@ -167,9 +171,12 @@ class TextToImage:
         return self.with_task_input(negative, like)
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
+    def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int | tuple[int, int],
                  progress: bool = True, index_offset: int = 0, x_init: Tensor | None = None) -> Tensor:
         """Images (len(prompts), 3, H, W) in [-1, 1], one per prompt (repeat a prompt for several).
+
+        ``image_size``: a side, or (height, width) for a non-square image (each a multiple of the first stage's
+        factor; a convolutional U-Net samples other shapes than it trained on, with the quality that implies).
 
         ``index_offset``: the global index of the first prompt, when a list is shared out (over ranks):
         image ``i`` uses the noise of seed ``seed + index_offset + i`` wherever it is drawn.

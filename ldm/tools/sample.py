@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1, help="images per prompt (text, img2img, inpaint) or variations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, help="image size in pixels (default: the run's data.image_size)")
+    p.add_argument("--height", type=int, help="--mode text: image height in pixels (default: --size), a multiple "
+                                               "of the first stage's factor")
+    p.add_argument("--width", type=int, help="--mode text: image width in pixels (default: --size)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="samples/grid.png", help="grid PNG; images and the JSON record go beside it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -237,7 +240,7 @@ class Job:
         return TextToImage(self.system, batch_size=self.args.batch_size, condition_fn=condition_fn)
 
 
-def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
+def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | None = None) -> tuple:
     """(images (B, 3, H, W), captions, columns of the grid, extra record entries) of the chosen mode."""
     import torch
 
@@ -249,7 +252,7 @@ def run_mode(job: Job, prompts: list[str], size: int) -> tuple:
         raise ValueError(f"--mode {args.mode} needs {IMAGES_NEEDED[args.mode]} --image file(s), got {len(images)}")
     if args.mode == "text":
         expanded = [p for p in prompts for _ in range(args.n)]
-        out = job.pipe()(expanded, settings, image_size=size, progress=progress)
+        out = job.pipe()(expanded, settings, image_size=shape or size, progress=progress)
         return out, expanded, (args.n if len(prompts) > 1 and args.n > 1 else None), {}
     if args.mode == "variations":
         out = job.unclip.variations(images[:1], args.n, settings, image_size=size, progress=progress)
@@ -324,7 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         size = args.size or run_image_size(args.ckpt)
         if not size:
             raise ValueError("cannot tell the image size from the run's config: pass --size")
-        images, captions, columns, extra = run_mode(job, prompts, size)
+        shape = (args.height or size, args.width or size)
+        if shape != (size, size) and args.mode != "text":
+            raise ValueError(f"--height / --width are for --mode text; --mode {args.mode} works on square "
+                             "images: use --size")
+        images, captions, columns, extra = run_mode(job, prompts, size, shape)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm sample: error: {e}", file=sys.stderr)
         return 2
@@ -336,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = folder / name
         image.save(path)
         files.append({"file": str(path), "caption": caption})
-    caption_grid(list(zip(to_pil(images), captions)), cell=max(96, min(size, 256)), columns=columns).save(out)
+    caption_grid(list(zip(to_pil(images), captions)), cell=max(96, min(max(shape), 256)), columns=columns).save(out)
     if args.attention_maps:
         from ldm.pipelines.attention_maps import attention_maps, save_attention_figure
 
@@ -352,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "prior": str(find_checkpoint(args.prior)) if args.prior else None,
               "prompts_read_by": ("the run's text encoder" if job.unclip is None else
                                   "the diffusion prior" if args.prior else "the CLIP text embedding (no prior)"),
-              "image_size": size,
+              "image_size": size if shape == (size, size) else list(shape),
               "prompts": prompts, "prompts_file": args.prompts, "prompt_column": args.prompt_column, "n": args.n,
               "inputs": args.image, "settings": settings.to_dict(),
               "clip_guidance": {"scale": args.clip_guidance, "clip": args.clip, "noised": args.noised_clip,

@@ -39,3 +39,18 @@ def test_sample_reads_a_jsonl_prompt_file_and_numbers_the_files_in_order(ldm_run
     assert all(Path(i["file"]).is_file() for i in record["images"])
     assert [i["caption"] for i in record["images"]] == [p for p in prompts for _ in range(2)]
     assert [i["seed"] for i in record["images"]] == list(range(5, 13))
+
+
+def test_sample_draws_non_square_images_in_text_mode_only(ldm_run, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--ckpt", str(ldm_run.run_dir), "--prompt", "a red circle", "--steps", "2", "--quiet"]
+    assert main([*common, "--height", "32", "--width", "64", "--out", "wide.png"]) == 0
+    assert Image.open(tmp_path / "wide/0000-a-red-circle.png").size == (64, 32)  # (width, height)
+    assert json.loads((tmp_path / "wide.json").read_text())["image_size"] == [32, 64]
+    assert main([*common, "--height", "30", "--out", "bad.png"]) == 2
+    assert "image height 30 is not a positive multiple of the first stage's factor 4" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    assert main([*common, "--mode", "img2img", "--image", "in.png", "--width", "64", "--out", "i.png"]) == 2
+    assert "--height / --width are for --mode text" in capsys.readouterr().err

@@ -75,3 +75,13 @@ def test_a_pixel_space_model_clips_its_x0_estimates_by_default_and_latents_do_no
     assert not torch.allclose(run["dynamic"], run["none"], atol=1e-3)
     with pytest.raises(ValueError, match="unknown threshold 'soft'"):
         SamplerSettings(threshold="soft")
+
+
+def test_non_square_images_and_sizes_that_do_not_fit_the_first_stage():
+    system, calls = _system("eps")
+    pipe = TextToImage(system)
+    images = pipe(["", ""], SamplerSettings(sampler="euler", steps=3, seed=2), image_size=(8, 16), progress=False)
+    assert images.shape == (2, 3, 8, 16) and bool(torch.isfinite(images).all())
+    system.first_stage.downsample_factor = 4  # as a KL-f4 first stage would have it
+    with pytest.raises(ValueError, match="image width 18 is not a positive multiple of the first stage's factor 4"):
+        pipe([""], SamplerSettings(steps=2), image_size=(8, 18), progress=False)
