@@ -263,8 +263,10 @@ def frame_changes(out: Path) -> dict:
     import numpy as np
     from PIL import Image
 
-    def read(folder: str) -> list:
-        return [np.asarray(Image.open(f), dtype=np.float64) for f in sorted((out / folder).glob("*.png"))]
+    def read(name: str) -> list:
+        # the images this run wrote, in order, from ldm sample's record (a folder may hold an older run's files)
+        record = json.loads((out / f"{name}.json").read_text())
+        return [np.asarray(Image.open(image["file"]), dtype=np.float64) for image in record["images"]]
 
     frames, samples = read("interpolation"), read("unclip_samples")
     return {"interpolation_first_to_last": round(float(np.abs(frames[-1] - frames[0]).mean()), 2),
