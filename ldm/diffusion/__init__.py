@@ -40,6 +40,7 @@ from ldm.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
@@ -59,6 +60,6 @@ __all__ = [
     "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps",
     "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition", "drop_randomly",
     "gradient_guidance", "invert_ddim", "known_region_denoiser", "karras_sigmas", "null_condition", "offset_noise_like",
-    "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler",
+    "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler",
     "sample_euler_ancestral", "sample_heun", "sampling_sigmas",
 ]

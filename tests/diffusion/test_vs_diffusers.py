@@ -16,6 +16,7 @@ from ldm.diffusion import (  # noqa: E402
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
     sample_euler,
     sample_heun,
 )
@@ -193,6 +194,31 @@ def test_dpmpp_2m_equals_diffusers():
     sample_dpmpp_2m(model_fn, x * (1 + sigmas[0] ** 2).sqrt(), sigmas, callback=cb)
     for a, b in zip(got, expected):
         assert (a - b).abs().max() <= TOL
+
+
+def test_dpmpp_2m_sde_equals_diffusers_with_the_same_noise():
+    """diffusers' sde-dpmsolver++ (midpoint) with our noise passed as variance_noise (it keeps it in float32)."""
+    ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                algorithm_type="sde-dpmsolver++", solver_order=2)
+    ref.set_timesteps(20)
+    float64(ref)
+    _, model_fn = ours(ref)
+    sigmas = ref.sigmas.double()
+    x = start()
+    g = torch.Generator().manual_seed(5)
+    noises = [torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(len(sigmas) - 2)]  # none to 0
+    expected, y = [], x.clone()
+    for i, t in enumerate(ref.timesteps):
+        noise = noises[i] if i < len(noises) else torch.zeros(SHAPE, dtype=torch.float64)
+        y = ref.step(eps_fn(y, t), t, y, variance_noise=noise).prev_sample
+        expected.append(y)
+    got, cb = _recorder()
+    out = sample_dpmpp_2m_sde(model_fn, x * (1 + sigmas[0] ** 2).sqrt(), sigmas, generator=torch.Generator().manual_seed(5),
+                              callback=cb)
+    assert len(got) == len(expected) == 20
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() <= TOL
+    assert torch.isfinite(out).all()
 
 
 def test_guidance_rescale_equals_diffusers():
