@@ -44,6 +44,7 @@ from ldm.runs import (
     build_loggers,
     is_rank_zero,
     resolve_version,
+    slurm_job_id,
     snake_case,
 )
 
@@ -272,8 +273,7 @@ SLURM_ATTEMPT_FILE = ".slurm_attempt"
 
 
 def slurm_attempt() -> str | None:
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and (
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}") or os.environ.get("SLURM_JOB_ID")
+    job = slurm_job_id()
     return f"{job}:{int(os.environ.get('SLURM_RESTART_COUNT', '0') or 0)}" if job else None
 
 

@@ -160,6 +160,14 @@ def _next_version(folder: Path) -> str:
     return f"version_{max(numbers) + 1 if numbers else 0}"
 
 
+def slurm_job_id() -> str | None:
+    """This SLURM job's id as ``scontrol`` takes it: ``<array job>_<task>`` in a job array, else the job id."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
 def resolve_version(root: str | os.PathLike, name: str, version: str | None) -> str:
     if version:
         return version

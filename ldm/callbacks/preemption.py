@@ -34,7 +34,6 @@ newest checkpoint: ``run.checkpoint_minutes`` bounds them.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -47,6 +46,8 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 
+from ldm.runs import slurm_job_id
+
 log = logging.getLogger(__name__)
 
 #: flag values, reduced with MAX across ranks: requeue wins over a plain stop
@@ -55,14 +56,6 @@ _NONE, _STOP, _REQUEUE = 0, 1, 2
 
 class Preempted(SystemExit):
     """Training stopped after a preemption checkpoint; the process exits with ``code`` (0 requeued, 143 SIGTERM)."""
-
-
-def slurm_job_id() -> str | None:
-    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` in a job array, else the job id."""
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID") or None
 
 
 class Preemption(Callback):
@@ -82,7 +75,6 @@ class Preemption(Callback):
         self.checkpoint_on_sigterm = checkpoint_on_sigterm
         self.requested = _NONE
         self.received: str | None = None
-        self.saved: str | None = None  # the checkpoint the preemption wrote
         self._stop: Preempted | None = None  # raised at the next hook once the batch's metrics are logged
         self._previous: dict[int, Any] = {}
 
@@ -130,7 +122,6 @@ class Preemption(Callback):
         log.warning("%s received: saving %s at step %d%s", self.received or "a preemption signal", path,
                     trainer.global_step, " and requeueing the job" if requeue else "")
         trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank 0 writes
-        self.saved = path
         for logger in trainer.loggers:
             logger.save()
         if trainer.is_global_zero:

@@ -161,10 +161,15 @@ def sample_heun(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = N
     return x
 
 
-@torch.no_grad()
-def sample_dpmpp_2m(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = None,
-                    generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
-    """DPM-Solver++(2M) in half-log-SNR time lambda = -log(sigma)."""
+def _dpmpp_2m(model_fn: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond, generator: torch.Generator | None,
+              callback: StepCallback | None, sde: bool) -> Tensor:
+    """DPM-Solver++(2M) in half-log-SNR time lambda = -log(sigma), as an ODE or (``sde``) an SDE solver.
+
+    Each step combines the data prediction with the multistep correction, d = D + (D - D_old) h / (2 h_last)
+    (none on the first step), and moves by h = log(sigma / sigma_next):
+    ODE x' = (s'/s) x - expm1(-h) d; SDE x' = (s'/s) e^-h x + (1 - e^-2h) d + s' sqrt(1 - e^-2h) z.
+    The step to sigma = 0 lands on the data prediction.
+    """
     levels = _levels(sigmas)
     n = len(levels) - 1
     old_denoised: Tensor | None = None
@@ -181,7 +186,12 @@ def sample_dpmpp_2m(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond
             else:
                 r = h_last / h
                 d = torch.lerp(denoised, old_denoised, -1 / (2 * r))  # (1 + 1/2r) D - (1/2r) D_old
-            x = torch.lerp(d, x, sigma_next / sigma)  # (s'/s) x - expm1(-h) d, as expm1(-h) = s'/s - 1
+            if sde:
+                decay = -math.expm1(-2 * h)  # 1 - e^-2h
+                x = (sigma_next / sigma) * math.exp(-h) * x + decay * d + sigma_next * math.sqrt(decay) * _noise(
+                    x, generator)
+            else:
+                x = torch.lerp(d, x, sigma_next / sigma)  # (s'/s) x - expm1(-h) d, as expm1(-h) = s'/s - 1
             h_last = h
         old_denoised = denoised
         _report(callback, i, n, x, sigmas, denoised)
@@ -189,31 +199,17 @@ def sample_dpmpp_2m(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond
 
 
 @torch.no_grad()
+def sample_dpmpp_2m(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = None,
+                    generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022): deterministic, second order from the previous step's prediction."""
+    return _dpmpp_2m(model_fn, x, sigmas, cond, generator, callback, sde=False)
+
+
+@torch.no_grad()
 def sample_dpmpp_2m_sde(model_fn: Denoiser, x: Tensor, sigmas: Tensor, *, cond: Cond = None,
                         generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022; the midpoint form of diffusers' ``sde-dpmsolver++``).
-
-    With h = log(sigma / sigma_next): x' = (s'/s) e^-h x + (1 - e^-2h)(D + D1 / 2) + s' sqrt(1 - e^-2h) z, where
-    D1 = (D - D_old) h / h_last is the multistep correction (none on the first step); the step to 0 lands on D.
-    """
-    levels = _levels(sigmas)
-    n = len(levels) - 1
-    old_denoised: Tensor | None = None
-    h_last = 0.0
-    for i in range(n):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model_fn(x, batch_sigma(sigmas[i], x), cond)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)
-            decay = -math.expm1(-2 * h)  # 1 - e^-2h
-            d = denoised if old_denoised is None else denoised + (denoised - old_denoised) * (h / h_last) / 2
-            x = (sigma_next / sigma) * math.exp(-h) * x + decay * d + sigma_next * math.sqrt(decay) * _noise(x, generator)
-            h_last = h
-        old_denoised = denoised
-        _report(callback, i, n, x, sigmas, denoised)
-    return x
+    """DPM-Solver++(2M) SDE (Lu et al. 2022; the midpoint form of diffusers' ``sde-dpmsolver++``)."""
+    return _dpmpp_2m(model_fn, x, sigmas, cond, generator, callback, sde=True)
 
 
 def progress_bar(desc: str = "sampling", **tqdm_kwargs) -> StepCallback:

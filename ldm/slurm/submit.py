@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ldm.runs import snake_case
 from ldm.slurm.script import Allocation, batch_script, ldm_executable
 
 SCRIPT_NAME = "submit.sbatch"
@@ -33,10 +34,6 @@ class FitConfig:
     name: str
     root: str
     num_workers: int
-
-
-def snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
 def resolve_fit(args: list[str], cwd: str | None = None) -> FitConfig:
@@ -93,8 +90,9 @@ class Job:
 
 def plan_fit(fit_args: list[str], alloc: Allocation, *, sweep: list[list[str]] | None = None,
              max_parallel: int | None = None, check: bool = True, launched_by: str = "",
-             config: FitConfig | None = None) -> Job:
-    """The job of one ``ldm fit`` command line (a job array when ``sweep`` has several lines)."""
+             config: FitConfig | None = None, version: str | None = None, job_name: str | None = None) -> Job:
+    """The job of one ``ldm fit`` command line (a job array when ``sweep`` has several lines), into the run
+    folder ``version`` (default: a ``--run.version`` among the arguments, else the next free ``version_<N>``)."""
     if config is None:
         config = resolve_fit(fit_args) if check else FitConfig(
             _arg(fit_args, "run.name") or "run", _arg(fit_args, "run.root") or "runs",
@@ -109,11 +107,12 @@ def plan_fit(fit_args: list[str], alloc: Allocation, *, sweep: list[list[str]] |
         versions = [f"sweep_{number}-{i}" for i in range(len(sweep))]
         output = str(base / f"sweep_{number}-%a" / "slurm-%A_%a.out")
     else:
-        versions = [_arg(fit_args, "run.version") or f"version_{next_number(base, 'version_')}"]
+        versions = [version or _arg(fit_args, "run.version") or f"version_{next_number(base, 'version_')}"]
         output = str(base / versions[0] / "slurm-%j.out")
     run_args = [[*(sweep[i] if sweep else []), f"--run.root={config.root}", f"--run.name={config.name}",
                  f"--run.version={v}"] for i, v in enumerate(versions)]
-    script = batch_script(command=["fit", *fit_args], alloc=alloc, job_name=f"ldm-{config.name}", output=output,
+    script = batch_script(command=["fit", *fit_args], alloc=alloc, job_name=job_name or f"ldm-{config.name}",
+                          output=output,
                           workdir=os.getcwd(), run_args=run_args, cpus_per_task=cpus, fit=True,
                           max_parallel=max_parallel, launched_by=launched_by)
     return Job(name=config.name, script=script, folders=[base / v for v in versions], output=output)

@@ -115,15 +115,11 @@ def plan_recipe(recipe: Recipe, args: argparse.Namespace, argv: list[str]) -> tu
         folder = recipe.folder(name, version)
         if stage.kind == "fit":
             fit_args = [*resolved[name], f"--run.group={recipe.name}"]
-            run = [f"--run.root={base}", f"--run.name={name}", f"--run.version={version}"]
+            run = [f"--run.root={base}", f"--run.name={name}"]
             config = resolve_fit([*fit_args, *run]) if not args.no_check else FitConfig(name, str(base), 0)
-            job = plan_fit(fit_args, alloc, config=config, launched_by=launched_by(argv))
-            job.folders = [folder]  # the recipe's version, shared by all stages
-            job.output = str(folder / "slurm-%j.out")
-            job.script = batch_script(command=["fit", *fit_args], alloc=alloc, job_name=f"ldm-{recipe.name}-{name}",
-                                      output=job.output, workdir=str(Path.cwd()), run_args=[run],
-                                      cpus_per_task=alloc.cpus_per_task or config.num_workers + 1, fit=True,
-                                      launched_by=launched_by(argv))
+            # the recipe's version, shared by all stages
+            job = plan_fit(fit_args, alloc, config=config, version=version, job_name=f"ldm-{recipe.name}-{name}",
+                           launched_by=launched_by(argv))
         else:
             output = str(folder / "slurm-%j.out")
             script = batch_script(command=resolved[name], alloc=alloc.updated({"nodes": 1, "ntasks_per_node": 1}),
@@ -131,7 +127,6 @@ def plan_recipe(recipe: Recipe, args: argparse.Namespace, argv: list[str]) -> tu
                                   run_args=[[]], cpus_per_task=alloc.cpus_per_task or 2, fit=False,
                                   launched_by=launched_by(argv))
             job = Job(name=name, script=script, folders=[folder], output=output)
-        job.name = name
         job.after = recipe.dependencies(name)
         jobs.append((name, job))
     return version, jobs
