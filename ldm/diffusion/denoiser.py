@@ -59,3 +59,17 @@ def concat_cond(a: Cond, b: Cond) -> Cond:
     if a is None or b is None or set(a) != set(b):
         raise ValueError(f"conditions to batch together need the same keys, got {sorted(a or {})} and {sorted(b or {})}")
     return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def report_step(callback: StepCallback | None, i: int, total: int, x: Tensor, sigmas: Tensor,
+                denoised: Tensor) -> None:
+    """Call ``callback`` (if any) with step ``i`` of ``total``."""
+    if callback is not None:
+        callback(Step(i=i, total=total, x=x, sigma=sigmas[i], sigma_next=sigmas[i + 1], denoised=denoised))
+
+
+def sigma_levels(sigmas: Tensor) -> list[float]:
+    """The noise levels as Python floats: control flow and step sizes without a device sync per step."""
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError("sigmas must be a 1-d tensor of at least two noise levels")
+    return sigmas.tolist()

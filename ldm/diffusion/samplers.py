@@ -15,9 +15,12 @@ works: images (B, C, H, W), latents, embedding vectors (B, D).
 * :func:`sample_heun`: Karras et al. 2022, Algorithm 1 without churn (Euler on the last step to 0).
 * :func:`sample_dpmpp_2m`: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data prediction,
   multistep, first order on the first step and on the last step to sigma = 0.
+* :func:`sample_dpmpp_2m_sde`: its SDE form (diffusers' ``sde-dpmsolver++``, midpoint).
+* :func:`ldm.diffusion.unipc.sample_unipc`: UniPC (Zhao et al. 2023), predictor UniP with the corrector UniC
+  after every model call, data prediction, B(h) = e^h - 1, order 2 (or 1, 3); in its own module.
 
-In VP terms these equal diffusers' DDPM/DDIM/Euler/Heun/DPMSolverMultistep schedulers
-step for step (tests/diffusion/test_samplers_vs_diffusers.py).
+In VP terms these equal diffusers' DDPM/DDIM/Euler/Heun/DPMSolverMultistep/UniPCMultistep schedulers
+step for step (tests/diffusion/test_vs_diffusers.py).
 """
 
 from __future__ import annotations
@@ -28,23 +31,13 @@ import torch
 from torch import Tensor
 
 from ldm.diffusion.denoiser import Cond, Denoiser, Step, StepCallback, batch_sigma
+from ldm.diffusion.denoiser import report_step as _report
+from ldm.diffusion.denoiser import sigma_levels as _levels
+from ldm.diffusion.unipc import sample_unipc
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def _report(callback: StepCallback | None, i: int, total: int, x: Tensor, sigmas: Tensor,
-            denoised: Tensor) -> None:
-    if callback is not None:
-        callback(Step(i=i, total=total, x=x, sigma=sigmas[i], sigma_next=sigmas[i + 1], denoised=denoised))
-
-
-def _levels(sigmas: Tensor) -> list[float]:
-    """The noise levels as Python floats: control flow and step sizes without a device sync per step."""
-    if sigmas.ndim != 1 or len(sigmas) < 2:
-        raise ValueError("sigmas must be a 1-d tensor of at least two noise levels")
-    return sigmas.tolist()
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -238,4 +231,5 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "unipc": sample_unipc,
 }

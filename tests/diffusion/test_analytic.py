@@ -79,7 +79,7 @@ def test_preconditioned_exact_network_is_the_exact_denoiser(precond_name):
 # sigma = 0 from the VP schedule's smallest sigma (0.029), where it returns the posterior mean.
 # 12000 draws give a statistical error of about 0.003 on the mean and 0.7 % on the std.
 # So: mean within 0.01, std within 2 %. A wrong coefficient anywhere moves the result far more.
-STEPS = {"ddpm": 1000, "ddim": 1000, "euler": 1000, "euler_ancestral": 1000, "heun": 50, "dpmpp_2m": 50, "dpmpp_2m_sde": 50}
+STEPS = {"ddpm": 1000, "ddim": 1000, "euler": 1000, "euler_ancestral": 1000, "heun": 50, "dpmpp_2m": 50, "dpmpp_2m_sde": 50, "unipc": 50}
 MEAN_TOL, STD_TOL = 0.01, 0.02
 
 

@@ -19,6 +19,7 @@ from ldm.diffusion import (  # noqa: E402
     sample_dpmpp_2m_sde,
     sample_euler,
     sample_heun,
+    sample_unipc,
 )
 from ldm.diffusion.schedules import append_zero  # noqa: E402
 
@@ -219,6 +220,40 @@ def test_dpmpp_2m_sde_equals_diffusers_with_the_same_noise():
     for a, b in zip(got, expected):
         assert (a - b).abs().max() <= TOL
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("steps,order", [(20, 2), (5, 2), (1, 2), (20, 3), (8, 3), (10, 1)])
+def test_unipc_equals_diffusers(steps, order):
+    """UniPC (bh2, data prediction, UniC after every model call, lower order on the last step) step for step.
+
+    diffusers calls the corrector at the last model call too, but its final first-order step to sigma = 0
+    discards the result; ours skips it. With order 3 the last two steps are of lower order.
+    """
+    ref = diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                            solver_order=order, predict_x0=True, solver_type="bh2",
+                                            lower_order_final=True, disable_corrector=[])
+    ref.set_timesteps(steps)
+    float64(ref)
+    _, inner = ours(ref)
+    calls = []
+
+    def model_fn(x, sigma, cond=None):
+        calls.append(1)
+        return inner(x, sigma, cond)
+
+    sigmas = ref.sigmas.double()
+    assert sigmas[-1] == 0 and len(sigmas) == steps + 1
+    x = start()
+    expected, y = [], x.clone()
+    for t in ref.timesteps:
+        y = ref.step(eps_fn(y, t), t, y).prev_sample
+        expected.append(y)
+    got, cb = _recorder()
+    out = sample_unipc(model_fn, x * (1 + sigmas[0] ** 2).sqrt(), sigmas, order=order, callback=cb)
+    assert len(got) == len(expected) == len(calls) == steps
+    errors = [float((a - b).abs().max()) for a, b in zip(got, expected)]
+    assert max(errors) <= TOL, errors
+    assert (out - expected[-1]).abs().max() <= TOL
 
 
 def test_guidance_rescale_equals_diffusers():
