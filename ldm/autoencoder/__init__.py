@@ -15,7 +15,8 @@ from ldm.autoencoder.losses import (
 )
 from ldm.autoencoder.model import Autoencoder
 from ldm.autoencoder.networks import Decoder, Encoder
+from ldm.autoencoder.scale import LatentScaleEstimator
 
 __all__ = ["Autoencoder", "AutoencoderFirstStage", "AutoencoderLoss", "Decoder", "DiagonalGaussian", "Encoder",
-           "FirstStage", "IdentityFirstStage", "PatchDiscriminator", "VectorQuantizer", "adaptive_weight", "hinge_d_loss",
-           "vanilla_d_loss"]
+           "FirstStage", "IdentityFirstStage", "LatentScaleEstimator", "PatchDiscriminator", "VectorQuantizer",
+           "adaptive_weight", "hinge_d_loss", "vanilla_d_loss"]

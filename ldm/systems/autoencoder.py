@@ -1,10 +1,10 @@
 """The autoencoder system: trains an :class:`~ldm.autoencoder.Autoencoder` with its GAN loss.
 
 Manual optimisation of the generator (encoder, bottleneck, decoder) and the discriminator,
-each with linear LR warmup and gradient-norm clipping; every named loss term is logged.
-The latent scale factor (1 / std of the unscaled latents) is tracked on the training
-batches with exponential moving moments and written into the autoencoder's buffer, so
-every checkpoint carries the factor of its own encoder. Validation: PSNR, SSIM, the mean
+each with its own LR scheduler (stepped with it) and gradient-norm clipping; every named loss term
+is logged. The latent scale factor (1 / std of the unscaled latents) is estimated on the training
+batches (:class:`~ldm.autoencoder.LatentScaleEstimator`) and written into the autoencoder's buffer,
+so every checkpoint carries the factor of its own encoder. Validation: PSNR, SSIM, the mean
 reconstruction terms, codebook perplexity (VQ), and rFID when Inception weights are available
 locally, each over the valid rows of the whole split, reduced across ranks once per epoch (a rank
 may hold only padding rows), so the figures are one process's for any world size and batch size.
@@ -24,31 +24,44 @@ from typing import ClassVar
 
 import pytorch_lightning as L
 import torch
-from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable, ReduceLROnPlateau
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ldm.autoencoder import Autoencoder, AutoencoderLoss
+from ldm.autoencoder import Autoencoder, AutoencoderLoss, LatentScaleEstimator
 from ldm.autoencoder.bottlenecks import code_perplexity
 from ldm.data.transforms import to_uint8
+from ldm.systems.optim import LinearWarmup, Shared, build_scheduler
 from ldm.systems.validation import Histogram, RowMeans, log_means
 
 log = logging.getLogger(__name__)
 
 
-def _adam(params):
+def ldm_adam(params) -> torch.optim.Adam:
+    """The optimizer of LDM's autoencoders (and of the discriminator): Adam, lr 4.5e-6, betas (0.5, 0.9)."""
     return torch.optim.Adam(params, lr=4.5e-6, betas=(0.5, 0.9))
+
+
+def _rename_old_scale_state(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the latent moments moved into ``latent_scale`` held them as ``latent_moments``."""
+    old = state_dict.pop(prefix + "latent_moments", None)
+    if old is not None:
+        state_dict.setdefault(prefix + "latent_scale.moments", old)
+        state_dict.setdefault(prefix + "latent_scale.count", state_dict[prefix + "batches_seen"].clone())
 
 
 class AutoencoderSystem(L.LightningModule):
     """Args:
         autoencoder: encoder + bottleneck + decoder.
         loss: reconstruction / perceptual / regulariser / adversarial terms and the discriminator.
-        optimizer: optimizer of the autoencoder (default: Adam, lr 4.5e-6, betas (0.5, 0.9), as LDM).
+        optimizer: optimizer of the autoencoder (default: :func:`ldm_adam`, Adam, lr 4.5e-6, betas (0.5, 0.9), as LDM).
         disc_optimizer: optimizer of the discriminator (default: the same).
-        warmup_steps: linear LR warmup of both optimizers, in training batches.
+        lr_scheduler: built for each optimizer and stepped with it, so the discriminator's starts at ``disc_start``
+            (default: constant; :class:`~ldm.systems.optim.LinearWarmup` with ``warmup_steps`` ramps both). A
+            schedule over the run's length needs its ``total_steps``: the trainer's count mixes both optimizers.
         gradient_clip: max gradient norm of each optimizer step (None = off).
-        scale_momentum: momentum of the running latent moments behind the scale factor.
+        scale_momentum: momentum of the running latent moments behind the scale factor
+            (:class:`~ldm.autoencoder.LatentScaleEstimator`).
         fid_weights: local path of torch-fidelity's Inception weights
             (``weights-inception-2015-12-05-6726825d.pth``) for rFID; None = rFID off.
     """
@@ -59,17 +72,19 @@ class AutoencoderSystem(L.LightningModule):
     #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
     checkpoint_monitor = ("val/rec", "min")
 
-    def __init__(self, autoencoder: Autoencoder, loss: AutoencoderLoss, optimizer: OptimizerCallable = _adam,
-                 disc_optimizer: OptimizerCallable = _adam, warmup_steps: int = 0, gradient_clip: float | None = 1.0,
-                 scale_momentum: float = 0.99, fid_weights: str | None = None):
+    def __init__(self, autoencoder: Autoencoder, loss: AutoencoderLoss, optimizer: OptimizerCallable = ldm_adam,
+                 disc_optimizer: OptimizerCallable = ldm_adam, lr_scheduler: LRSchedulerCallable = LinearWarmup,
+                 gradient_clip: float | None = 1.0, scale_momentum: float = 0.99, fid_weights: str | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["autoencoder", "loss"])
+        self.save_hyperparameters(ignore=["autoencoder", "loss", "optimizer", "disc_optimizer", "lr_scheduler"])
         self.automatic_optimization = False
         self.autoencoder, self.loss = autoencoder, loss
-        self.optimizer_fn, self.disc_optimizer_fn = optimizer, disc_optimizer
-        self.warmup_steps, self.gradient_clip, self.scale_momentum = warmup_steps, gradient_clip, scale_momentum
+        self.optimizer_fn, self.disc_optimizer_fn = Shared(optimizer), Shared(disc_optimizer)
+        self.lr_scheduler_fn = Shared(lr_scheduler)
+        self.gradient_clip = gradient_clip
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
-        self.register_buffer("latent_moments", torch.tensor([0.0, 1.0]))  # running E[z], E[z^2]
+        self.latent_scale = LatentScaleEstimator(scale_momentum)
+        self.register_load_state_dict_pre_hook(_rename_old_scale_state)
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.fid = self._make_fid(fid_weights)
@@ -99,13 +114,12 @@ class AutoencoderSystem(L.LightningModule):
                                "strategy='ddp_find_unused_parameters_true' (`ldm fit --trainer.strategy=ddp` does)")
 
     def configure_optimizers(self):
-        opt_g = self.optimizer_fn(self.autoencoder.parameters())
-        opt_d = self.disc_optimizer_fn(self.loss.discriminator.parameters())
-
-        def warmup(step: int) -> float:
-            return min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-
-        scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup) for o in (opt_g, opt_d)]
+        opt_g = self.optimizer_fn.value(self.autoencoder.parameters())
+        opt_d = self.disc_optimizer_fn.value(self.loss.discriminator.parameters())
+        scheds = [build_scheduler(self.lr_scheduler_fn.value, o) for o in (opt_g, opt_d)]
+        if isinstance(scheds[0], ReduceLROnPlateau):
+            raise ValueError("the autoencoder steps its schedulers with its optimizers, without a metric: "
+                             "ReduceLROnPlateau cannot be its lr_scheduler")
         return [opt_g, opt_d], scheds
 
     def _step(self, opt, sched, loss) -> None:
@@ -122,7 +136,7 @@ class AutoencoderSystem(L.LightningModule):
         x = batch["image"]  # (B, 3, H, W)
         step = int(self.batches_seen)
         recon, z, info = self.autoencoder(x)
-        self._track_latents(z, first=step == 0)
+        self.autoencoder.scale_factor.copy_(self.latent_scale.update(z))
         loss_g, terms = self.loss.generator_loss(x, recon, info, self.autoencoder.decoder.last_layer, step)
         self._step(opt_g, sched_g, loss_g)
         if self.loss.uses_gan(step):
@@ -136,14 +150,6 @@ class AutoencoderSystem(L.LightningModule):
                       batch_size=len(x))
         self.log("train/loss", terms["total"].detach(), prog_bar=True, batch_size=len(x))
         self.batches_seen += 1
-
-    @torch.no_grad()
-    def _track_latents(self, z: torch.Tensor, first: bool) -> None:
-        m = 0.0 if first else self.scale_momentum
-        moments = torch.stack([z.float().mean(), z.float().pow(2).mean()])
-        self.latent_moments.mul_(m).add_(moments, alpha=1 - m)
-        var = (self.latent_moments[1] - self.latent_moments[0] ** 2).clamp(min=1e-12)
-        self.autoencoder.scale_factor.copy_(var.rsqrt())
 
     # -- validation: local sums per step, one reduction per epoch ---------------------------------
     def on_validation_epoch_start(self) -> None:

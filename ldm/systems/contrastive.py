@@ -1,14 +1,15 @@
 """The contrastive system: trains an :class:`~ldm.contrastive.OpenCLIP` with CLIP's or SigLIP's loss.
 
-AdamW without weight decay on gains, biases and the logit scale / bias, with it on everything
-else, token and positional embeddings included: open_clip_train's rule (``main.py``: no decay where
+The optimizer's weight decay on every parameter but gains, biases and the logit scale / bias, token
+and positional embeddings included: open_clip_train's rule (``main.py``: no decay where
 ``p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n``); ``decay_embeddings=False``
-also exempts the embeddings (this system's default before issue 15). Linear warmup then cosine
-decay, the logit scale clamped to ln(100) after every step. Logs the loss, the temperature
-(exp logit scale), the bias and the in-batch image->text accuracy. Validation embeds the whole
-validation split, gathers it exactly across ranks (the data module pads ranks to equal length and
-marks the padding) and logs image<->text recall@k, the zero-shot accuracy of each configured task, and ``val/loss``: the
-contrastive loss with the whole validation split (its valid rows) as one batch. An in-batch loss
+also exempts the embeddings (this system's default before issue 15). By default AdamW with linear warmup
+then cosine decay to 0 at the trainer's last step (open_clip_train's); the logit scale is clamped to
+ln(100) after every step. Logs the loss, the temperature (exp logit scale), the bias and the in-batch
+image->text accuracy. Validation embeds the whole validation split, gathers it exactly across ranks
+(the data module pads ranks to equal length and marks the padding) and logs image<->text recall@k,
+the zero-shot accuracy of each configured task, and ``val/loss``: the contrastive loss with the whole
+validation split (its valid rows) as one batch. An in-batch loss
 depends on what shares the batch; over the whole split it is one figure for any world size and
 validation batch size (larger than the training loss, which sees fewer negatives), at the cost of
 the N x N similarities that recall@k computes anyway. Nothing in ``validation_step`` is a collective,
@@ -21,11 +22,18 @@ import math
 
 import pytorch_lightning as L
 import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
 from ldm.contrastive import ContrastiveLoss, OpenCLIP, ZeroShotTask
 from ldm.contrastive.noised import noise_images
 from ldm.metrics.retrieval import class_embeddings, recall_at_k, zero_shot_accuracy
+from ldm.systems.optim import Shared, WarmupCosine, configure
 from ldm.systems.validation import gather_rows
+
+
+def open_clip_adamw(params) -> torch.optim.AdamW:
+    """open_clip_train's AdamW for ViT-B: lr 5e-4, weight decay 0.2, betas (0.9, 0.98), eps 1e-6."""
+    return torch.optim.AdamW(params, lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
 
 
 def no_weight_decay(name: str, p: torch.nn.Parameter, decay_embeddings: bool = True) -> bool:
@@ -39,11 +47,13 @@ class ContrastiveSystem(L.LightningModule):
     """Args:
         model: the CLIP / SigLIP model.
         loss: :class:`~ldm.contrastive.ClipLoss` or :class:`~ldm.contrastive.SigLipLoss`.
-        lr, weight_decay, betas, eps: AdamW (open_clip_train's defaults for ViT-B: 5e-4, 0.2, (0.9, 0.98), 1e-6).
-            No decay on gains, biases and the logit scale / bias (open_clip_train's rule, :func:`no_weight_decay`).
+        optimizer: called with two parameter groups: the one its weight decay applies to, and the one without
+            (gains, biases and the logit scale / bias: open_clip_train's rule, :func:`no_weight_decay`). Default:
+            :func:`open_clip_adamw` (AdamW, lr 5e-4, weight decay 0.2, betas (0.9, 0.98), eps 1e-6).
+        lr_scheduler: stepped per optimizer step (default: 100 steps of linear warmup, then cosine decay to 0
+            at the trainer's last step, :class:`~ldm.systems.optim.WarmupCosine`).
         decay_embeddings: decay the token and positional embeddings, as open_clip_train does; ``False``
             exempts them (this system's default before issue 15; set it to resume such a run's optimizer state).
-        warmup_steps: linear warmup; then cosine decay to 0 at the trainer's last step.
         zero_shot: zero-shot classification tasks evaluated on the validation split.
         recall_ks: k of the retrieval recall@k.
         noised_fraction: the fraction of training images replaced by noised versions at a random
@@ -53,13 +63,15 @@ class ContrastiveSystem(L.LightningModule):
     #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
     checkpoint_monitor = ("val/loss", "min")
 
-    def __init__(self, model: OpenCLIP, loss: ContrastiveLoss, lr: float = 5e-4, weight_decay: float = 0.2,
-                 betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6, warmup_steps: int = 100,
+    def __init__(self, model: OpenCLIP, loss: ContrastiveLoss, optimizer: OptimizerCallable = open_clip_adamw,
+                 lr_scheduler: LRSchedulerCallable = lambda optimizer: WarmupCosine(optimizer, warmup_steps=100),
                  zero_shot: list[ZeroShotTask] | None = None, recall_ks: list[int] | None = None,
                  noised_fraction: float = 0.0, decay_embeddings: bool = True):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "loss"])
+        self.save_hyperparameters(ignore=["model", "loss", "optimizer", "lr_scheduler"])  # callables: config.yaml
         self.model, self.loss = model, loss
+        self.optimizer_fn, self.lr_scheduler_fn = Shared(optimizer), Shared(lr_scheduler)
+        self.decay_embeddings = decay_embeddings
         self.zero_shot = list(zero_shot or [])
         self.recall_ks = list(recall_ks or [1, 5, 10])
         if not 0.0 <= noised_fraction <= 1.0:
@@ -129,20 +141,9 @@ class ContrastiveSystem(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self):
-        hp = self.hparams
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():  # "clip." + the names open_clip_train's rule sees
             if p.requires_grad:
-                (no_decay if no_weight_decay(name, p, hp.decay_embeddings) else decay).append(p)
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas, eps=hp.eps)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer else 1
-
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = (step - hp.warmup_steps) / max(1, total - hp.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+                (no_decay if no_weight_decay(name, p, self.decay_embeddings) else decay).append(p)
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]  # the first: the optimizer's decay
+        return configure(self, self.optimizer_fn.value, self.lr_scheduler_fn.value, groups)

@@ -17,7 +17,7 @@ def open_clip_train_exclude(n, p):
 def _system(siglip: bool, **kwargs) -> ContrastiveSystem:
     model = OpenCLIP(32, CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
                      CLIPTextCfg(context_length=16, width=32, heads=2, layers=1), siglip=siglip)
-    return ContrastiveSystem(model, SigLipLoss() if siglip else ClipLoss(), weight_decay=0.2, **kwargs)
+    return ContrastiveSystem(model, SigLipLoss() if siglip else ClipLoss(), **kwargs)  # AdamW, weight decay 0.2
 
 
 def _groups(system: ContrastiveSystem) -> dict[float, set[str]]:

@@ -47,21 +47,22 @@ def test_the_allocation_comes_after_the_users_arguments_and_wins(capsys, monkeyp
 def test_a_sweep_is_an_array_with_one_run_folder_per_line(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     sweep = tmp_path / "sweep.txt"
-    sweep.write_text("# two learning rates\n--model.init_args.lr=1e-3\n\n--model.init_args.lr=1e-4 --seed_everything=2\n")
+    lr = "--model.init_args.optimizer.init_args.lr"
+    sweep.write_text(f"# two learning rates\n{lr}=1e-3\n\n{lr}=1e-4 --seed_everything=2\n")
     (tmp_path / "runs/clip/sweep_0-0").mkdir(parents=True)  # an earlier sweep
     out = _dry_run(capsys, "--no-check", "--sweep", str(sweep), "--max-parallel", "1", "--", *FIT,
                    f"--run.root={tmp_path}/runs", "--run.name=clip")
     assert "#SBATCH --array=0-1%1\n" in out
     assert f"#SBATCH --output={tmp_path}/runs/clip/sweep_1-%a/slurm-%A_%a.out" in out
-    assert f"  0) RUN=(--model.init_args.lr=1e-3 --run.root={tmp_path}/runs --run.name=clip --run.version=sweep_1-0) ;;" in out
-    assert "  1) RUN=(--model.init_args.lr=1e-4 --seed_everything=2 " in out
+    assert f"  0) RUN=({lr}=1e-3 --run.root={tmp_path}/runs --run.name=clip --run.version=sweep_1-0) ;;" in out
+    assert f"  1) RUN=({lr}=1e-4 --seed_everything=2 " in out
     assert "--trainer.strategy" not in out  # one process per run: no DDP
 
 
 def test_sweep_and_recipe_errors_name_the_line_or_key(tmp_path):
     bad = tmp_path / "sweep.txt"
-    bad.write_text("--model.init_args.lr=1e-3\nmodel.init_args.lr=1e-4\n")
-    with pytest.raises(SubmitError, match=r"sweep.txt:2: .*not 'model.init_args.lr=1e-4'"):
+    bad.write_text("--model.init_args.optimizer.init_args.lr=1e-3\nmodel.init_args.optimizer.init_args.lr=1e-4\n")
+    with pytest.raises(SubmitError, match=r"sweep.txt:2: .*not 'model.init_args.optimizer.init_args.lr=1e-4'"):
         read_sweep(bad)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nstages:\n  a: {fit: ['--x=${b}']}\n  b: {run: [shards, '${nope}']}\n")
@@ -97,9 +98,9 @@ def test_the_demo_recipe_chains_its_stages_and_wires_their_folders(capsys, monke
 
 def test_an_invalid_fit_config_is_refused_before_anything_is_submitted(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
-    assert main(["--", *FIT, "--model.init_args.lr=fast", f"--run.root={tmp_path}"]) == 2
+    assert main(["--", *FIT, "--model.init_args.optimizer.init_args.lr=fast", f"--run.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
-    assert "ldm submit: error: the ldm fit arguments are not valid" in err and "model.init_args.lr" in err
+    assert "ldm submit: error: the ldm fit arguments are not valid" in err and "optimizer.init_args.lr" in err
     assert not any(tmp_path.iterdir())
 
 
