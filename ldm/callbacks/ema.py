@@ -1,21 +1,31 @@
-"""EMA of the weights with warmup: Lightning's ``EMAWeightAveraging``, its decay ramped up over training.
+"""EMA of the weights: Lightning's ``EMAWeightAveraging`` keeping the raw weights in every checkpoint, and with warmup.
 
-With a fixed decay the average remembers the first weights for a long time: after n updates at
+Raw weights. Lightning's callback writes the average into a checkpoint's ``state_dict`` and the raw (current)
+weights into ``current_model_state``; at the end of training (``on_train_end``) it copies the average into the
+model. A checkpoint written after that (``ModelCheckpoint``'s ``save_last`` in its own ``on_train_end``, and the
+final ``checkpoints/last.ckpt`` that ``ldm fit`` writes after fitting) then holds the average twice: the raw
+weights of the last step are lost, so neither ``ldm sample --weights raw`` nor a resumed run (which starts from
+``current_model_state``) can get them back. :class:`KeepRawWeights` keeps a copy of the raw weights when
+training ends and writes it as ``current_model_state`` of every later checkpoint; :class:`EMA` is Lightning's
+callback with it (use ``ldm.callbacks.ema.EMA`` where a config names ``EMAWeightAveraging``).
+
+Warmup. With a fixed decay the average remembers the first weights for a long time: after n updates at
 0.999 their share is 0.999^n, 55 % after 600 steps, so a short run's EMA is mostly its initial
 random weights. diffusers' ``EMAModel(use_ema_warmup=True)`` and the DiT / EDM recipes ramp the
 decay up instead: at the n-th update (n = 1, 2, ...; the first update copies the weights)
 
     decay_n = min(decay, 1 - (1 + n / inv_gamma) ** -power)
 
-(power 2/3 reaches 0.999 at about 31,000 steps, 3/4 at about 10,000). This extends Lightning's
-callback (same checkpoint state, same use in validation and checkpoints) with that schedule, as one
-fused ``torch._foreach_lerp_`` over all parameters per update.
+(power 2/3 reaches 0.999 at about 31,000 steps, 3/4 at about 10,000). :class:`EMAWarmup` extends Lightning's
+callback (same checkpoint state, same use in validation and checkpoints, raw weights kept) with that schedule,
+as one fused ``torch._foreach_lerp_`` over all parameters per update.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytorch_lightning as L
 import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.callbacks.weight_averaging import WeightAveraging
@@ -37,8 +47,40 @@ def ema_warmup_multi_avg_fn(decay: float = 0.9999, power: float = 2 / 3, inv_gam
     return update
 
 
-class EMAWarmup(EMAWeightAveraging):
-    """``EMAWeightAveraging`` with the decay warmup of diffusers' ``EMAModel(use_ema_warmup=True)``.
+class KeepRawWeights(WeightAveraging):
+    """A ``WeightAveraging`` whose checkpoints written after training ended still hold the raw weights.
+
+    ``WeightAveraging.on_train_end`` overwrites the model with the average; this copies the model's state (on the
+    CPU, one copy of the weights) just before, and :meth:`on_save_checkpoint` writes it as
+    ``current_model_state``. Checkpoints written during training are Lightning's, unchanged.
+    """
+
+    _raw_state: dict[str, torch.Tensor] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._raw_state = None  # a new fit: the model is raw again
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._average_model is not None:
+            self._raw_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw_state is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = dict(self._raw_state)  # the model holds the average since on_train_end
+
+
+class EMA(KeepRawWeights, EMAWeightAveraging):
+    """Lightning's ``EMAWeightAveraging`` (same arguments, same checkpoint format) keeping the raw weights in the
+    checkpoints written after training ends (:class:`KeepRawWeights`)."""
+
+
+class EMAWarmup(KeepRawWeights, EMAWeightAveraging):
+    """``EMAWeightAveraging`` with the decay warmup of diffusers' ``EMAModel(use_ema_warmup=True)``, keeping the raw
+    weights in every checkpoint (:class:`KeepRawWeights`).
 
     Args:
         decay: the decay the warmup rises to (and stays at).
