@@ -164,7 +164,7 @@ def train_ldm(out: Path, latents: Path, ae_run: Path, clip_run: Path, size: int,
     run = fit_stage(out, "ldm", "ldm/debug.yaml", steps, f"--data.train={latents}/train-*.tar",
                     f"--data.val={latents}/val-*.tar", "--data.decode_images=false", f"--data.image_size={size}",
                     f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
-                    f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.val_check_interval=100",
+                    f"--model.init_args.conditioner.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.val_check_interval=100",
                     "--trainer.limit_val_batches=4", "--trainer.callbacks.init_args.every_n_steps=250")
     val = validation_losses(run)
     train = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(open(run / "metrics.csv"))
@@ -224,8 +224,8 @@ def train_decoder(out: Path, latents: Path, ae_run: Path, clip_run: str, size: i
     run = fit_stage(out, "decoder", "unclip/debug.yaml", steps, f"--data.train={latents}/train-*.tar",
                     f"--data.val={latents}/val-*.tar", f"--data.image_size={size}",
                     f"--model.init_args.first_stage.init_args.checkpoint={ae_run}",
-                    f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}",
-                    "--model.init_args.text_context=false", "--trainer.val_check_interval=50",
+                    f"--model.init_args.conditioner.init_args.text_encoder.init_args.checkpoint={clip_run}",
+                    "--model.init_args.conditioner.init_args.text_context=false", "--trainer.val_check_interval=50",
                     "--trainer.limit_val_batches=4")
     return {"run": str(run), "steps": steps, **validation_ends(validation_losses(run))}
 
@@ -506,7 +506,7 @@ itself (chance R@1 {1 / 256:.3f}):
 | prior (best of 2 draws) | {prior_metrics['cos_prior']} | {prior_metrics['r1_prior']} |
 | no prior (text embedding) | {prior_metrics['cos_text']} | {prior_metrics['r1_text']} |
 
-The unCLIP decoder (`configs/unclip/debug.yaml` with `--model.init_args.text_context=false`: the debug U-Net
+The unCLIP decoder (`configs/unclip/debug.yaml` with `--model.init_args.conditioner.init_args.text_context=false`: the debug U-Net
 conditioned on the CLIP image embedding alone, added to the timestep embedding and as 4 context tokens; no
 caption tokens, seed 004's setting) trained {decoder_metrics['steps']} steps on the latent shards; fixed-noise validation loss
 {decoder_metrics['val_loss_first']} at step {decoder_metrics['val_step_first']}, {decoder_metrics['val_loss_last']} at step

@@ -14,6 +14,9 @@ from ldm.data.synthetic import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: the trained stage runs (autoencoder, CLIP, LDM) that the systems, pipelines and tools tests share
+pytest_plugins = ["tests.stages"]
+
 
 @pytest.fixture(autouse=True)
 def _quiet_wandb(monkeypatch):

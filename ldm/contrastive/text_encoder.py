@@ -32,9 +32,10 @@ from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
 from ldm.contrastive.model import OpenCLIP
+from ldm.diffusion.conditioner import TextEncoder
 
 
-class FrozenTextEncoder(nn.Module):
+class FrozenTextEncoder(TextEncoder):
     layer: int = -1  # the text block whose output is ``tokens`` (see the module docstring)
 
     def __init__(self, checkpoint: str | None = None, model_name: str | None = None, pretrained: str | None = None,
@@ -61,11 +62,6 @@ class FrozenTextEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)  # frozen: always in eval mode
-
-    def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
-        """Tokenize and encode a list of prompts (for sampling)."""
-        tokens = self.tokenizer(list(prompts)).to(device or next(self.model.parameters()).device)
-        return self(tokens)
 
     @property
     def pad_id(self) -> int:

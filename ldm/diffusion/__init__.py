@@ -3,6 +3,7 @@
 Pure torch, shared by the unCLIP prior and the U-Net; general over tensor shapes.
 """
 
+from ldm.diffusion.conditioner import Conditioner, TextEncoder
 from ldm.diffusion.conditioning import (
     ConditionDropout,
     drop_condition,
@@ -53,13 +54,14 @@ from ldm.diffusion.sigma_sampling import (
     UniformTimesteps,
 )
 from ldm.diffusion.unet import UNet
+from ldm.diffusion.unipc import sample_unipc
 
 __all__ = [
-    "SAMPLERS", "Cond", "ConditionDropout", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
+    "SAMPLERS", "Cond", "ConditionDropout", "Conditioner", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
-    "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "UNet", "UniformTimesteps",
+    "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "TextEncoder", "UNet", "UniformTimesteps",
     "VPPrecond", "VPrecond", "X0Precond", "append_dims", "classifier_free_guidance", "drop_condition", "drop_randomly",
     "gradient_guidance", "invert_ddim", "known_region_denoiser", "karras_sigmas", "null_condition", "offset_noise_like",
     "progress_bar", "rescale_guided_eps", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_euler",
-    "sample_euler_ancestral", "sample_heun", "sampling_sigmas",
+    "sample_euler_ancestral", "sample_heun", "sample_unipc", "sampling_sigmas",
 ]

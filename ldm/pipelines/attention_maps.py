@@ -32,16 +32,16 @@ def attention_maps(pipe: TextToImage, prompt: str, settings: SamplerSettings, *,
     layers = cross_attention_layers(system.unet)
     if not layers:
         raise ValueError("this U-Net has no cross-attention layers (context_dim is None): no per-token maps")
-    if not system.uses_text:
-        raise ValueError("this model does not cross-attend to the prompt's tokens (text_context is off): "
-                         "no per-word maps")
-    tokenizer = system.text_encoder.tokenizer
+    if not system.conditioner.cross_attends_to_text:
+        raise ValueError("this model does not cross-attend to the prompt's tokens (the conditioner's text_context is "
+                         "off): no per-word maps")
+    tokenizer = system.conditioner.tokenizer
     ids = tokenizer([prompt])[0].tolist()
     end = ids.index(tokenizer.eot_token_id) if tokenizer.eot_token_id in ids else len(ids)
     positions = list(range(1, end))  # the words: after the start token, before the end token
     words = [tokenizer.decode([ids[p]]).strip() for p in positions]
     _, h, w = pipe.latent_shape(image_size)
-    total = torch.zeros(len(ids) + getattr(system, "embedding_tokens", 0), h, w)  # CLIP-embedding tokens come last
+    total = torch.zeros(len(ids) + system.conditioner.embedding_tokens, h, w)  # CLIP-embedding tokens come last
 
     def probe(probs: Tensor) -> None:
         cond = probs[-1].float().mean(0)  # (N, T): the conditional branch (last in the guided batch), mean of heads

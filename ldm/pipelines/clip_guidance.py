@@ -48,20 +48,21 @@ class ClipGuided(TextToImage):
     """
 
     def __init__(self, system, clip=None, *, scale: float = 100.0, noised: bool = False,
-                 through_denoiser: bool = False, batch_size: int = 16, condition_fn=None):
-        super().__init__(system, batch_size=batch_size, condition_fn=condition_fn)
+                 through_denoiser: bool = False, batch_size: int = 16, prior=None, clip_text=None,
+                 prior_options: dict | None = None):
+        super().__init__(system, batch_size=batch_size, prior=prior, clip_text=clip_text, prior_options=prior_options)
         if clip is None:
-            if system.text_encoder is None:
+            if self.text_encoder is None:
                 raise ValueError("CLIP guidance needs a CLIP: pass clip (a contrastive run) or use a run with a text encoder")
-            clip = system.text_encoder.model
+            clip = self.text_encoder.model
         if noised and not isinstance(system.first_stage, IdentityFirstStage):
             raise ValueError("a noised CLIP reads noisy pixels, but this run diffuses autoencoder latents: "
                              "use a plain CLIP (noised=False), which scores the decoded prediction")
         self.clip = clip.to(system.device).eval().requires_grad_(False)
         self.scale, self.noised, self.through_denoiser = scale, noised, through_denoiser
 
-    def denoiser_for(self, prompts: Sequence[str], cond, settings: SamplerSettings, uncond=None):
-        model_fn = self.guided_denoiser(cond, settings, uncond)
+    def denoiser_for(self, prompts: Sequence[str], cond, uncond, settings: SamplerSettings):
+        model_fn = self.guided_denoiser(cond, uncond, settings)
         if self.scale == 0:
             return model_fn
         decode, prompts = self.system.first_stage.decode, list(prompts)

@@ -4,7 +4,7 @@
   after ``(1 - strength)`` of the sampling schedule, and sample the rest with the prompt.
 * :func:`inpaint`: sample from noise while the denoiser's prediction keeps the image's latent
   outside the mask at every step (:func:`~ldm.diffusion.known_region_denoiser`); a model trained
-  for inpainting (``LatentDiffusion(inpainting=True)``) also reads the masked latent and the mask
+  for inpainting (``Conditioner(inpainting=True)``) also reads the masked latent and the mask
   through its concat channels (:mod:`ldm.diffusion.inpainting`); the last step
   returns the known latent exactly, so outside the mask the result is the autoencoder's
   reconstruction of the input (up to the decoder's receptive field at the mask's edge).
@@ -39,11 +39,12 @@ from ldm.pipelines.text_to_image import (
 
 
 def _denoiser(pipe: TextToImage, prompts: Sequence[str], settings: SamplerSettings, like: Tensor,
-              known: Tensor | None = None, mask: Tensor | None = None):
-    """(guided denoiser, condition) for the prompts; an inpainting-trained model also gets the known latents and
-    the mask (default: generate everything) in its concat channels."""
-    cond = pipe.with_task_input(pipe.condition(prompts), like, known, mask)
-    return pipe.denoiser_for(prompts, cond, settings), cond
+              known: Tensor | None = None, mask: Tensor | None = None, embeddings: Tensor | None = None):
+    """(guided denoiser, condition) for the prompts (and the negative prompt of ``settings``); an inpainting-trained
+    model also gets the known latents and the mask (default: generate everything) in its concat channels; a decoder
+    of CLIP embeddings is conditioned on ``embeddings`` when given."""
+    cond, uncond = pipe.conditions(prompts, like, settings, embeddings=embeddings, known=known, mask=mask)
+    return pipe.denoiser_for(prompts, cond, uncond, settings), cond
 
 
 def _bar(progress: bool, desc: str):
@@ -96,21 +97,22 @@ def inpaint(pipe: TextToImage, images: Tensor, mask: Tensor, prompts: Sequence[s
 
 @torch.no_grad()
 def invert(pipe: TextToImage, images: Tensor, prompts: Sequence[str], settings: SamplerSettings,
-           progress: bool = False) -> Tensor:
-    """The noise latents (B, C, h, w) that deterministic DDIM with these prompts maps back to the images."""
+           progress: bool = False, embeddings: Tensor | None = None) -> Tensor:
+    """The noise latents (B, C, h, w) that deterministic DDIM with these prompts (or, for a decoder of CLIP
+    embeddings, these ``embeddings``) maps back to the images."""
     system = pipe.system
     z0 = system.first_stage.encode(images.to(system.device))
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(z0)
-    model_fn, cond = _denoiser(pipe, prompts, settings, z0)
+    model_fn, cond = _denoiser(pipe, prompts, settings, z0, embeddings=embeddings)
     return invert_ddim(model_fn, z0, sigmas.flip(0), cond=cond, callback=_bar(progress, "DDIM inversion"))
 
 
 @torch.no_grad()
 def reconstruct(pipe: TextToImage, noise: Tensor, prompts: Sequence[str], settings: SamplerSettings,
-                decode: bool = True, progress: bool = False) -> Tensor:
+                decode: bool = True, progress: bool = False, embeddings: Tensor | None = None) -> Tensor:
     """Deterministic DDIM from inverted noise: images (or latents with ``decode=False``)."""
     system = pipe.system
     sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(noise)
-    model_fn, cond = _denoiser(pipe, prompts, settings, noise)
+    model_fn, cond = _denoiser(pipe, prompts, settings, noise, embeddings=embeddings)
     z = sample_ddim(model_fn, noise, sigmas, cond=cond, callback=_bar(progress, "DDIM reconstruction"))
     return system.first_stage.decode(z).clamp(-1, 1) if decode else z

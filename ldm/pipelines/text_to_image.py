@@ -23,7 +23,6 @@ from torch import Tensor
 from ldm.diffusion import (
     SAMPLERS,
     classifier_free_guidance,
-    null_condition,
     progress_bar,
 )
 from ldm.autoencoder import IdentityFirstStage
@@ -78,24 +77,39 @@ def initial_noise(n: int, shape: Sequence[int], seed: int, offset: int = 0) -> T
 
 
 class TextToImage:
-    """Sample images for prompts from a :class:`~ldm.systems.LatentDiffusion` (in eval mode, frozen)."""
+    """Sample images for prompts from a :class:`~ldm.systems.LatentDiffusion` (in eval mode, frozen).
 
-    def __init__(self, system, batch_size: int = 16, condition_fn=None):
-        """``condition_fn(prompts, start) -> cond`` replaces the text condition of the prompts at
-        ``start, start + 1, ...`` of a call (the unCLIP pipelines pass CLIP image embeddings through it)."""
+    Args:
+        system: the latent-diffusion run; its :class:`~ldm.diffusion.Conditioner` turns prompts into conditions.
+        batch_size: images per sampler call.
+        prior: for a decoder of CLIP image embeddings (unCLIP), the :class:`~ldm.systems.DiffusionPrior` that draws
+            the image embeddings of the prompts; without one the prompts' CLIP text embeddings stand in.
+        clip_text: the CLIP text encoder those embeddings come from (default: the conditioner's own); a decoder
+            trained on image embeddings alone has none and needs it to read prompts.
+        prior_options: the prior's sampling settings (``best_of``, ``cfg``, ``steps``; default: the prior's own).
+    """
+
+    def __init__(self, system, batch_size: int = 16, *, prior=None, clip_text=None, prior_options: dict | None = None):
         self.system = system
         self.batch_size = batch_size
-        self.condition_fn = condition_fn
+        self.prior = prior
+        self.clip_text = clip_text
+        self.prior_options = {k: v for k, v in (prior_options or {}).items() if v is not None}
+        if prior is not None and not system.conditioner.reads_embeddings:
+            raise ValueError("a prior drives a decoder conditioned on CLIP image embeddings (the conditioner's vector: "
+                             "clip_image); this run reads text")
+
+    @property
+    def conditioner(self):
+        return self.system.conditioner
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", **kwargs) -> TextToImage:
-        from ldm.systems import LatentDiffusion, load_system
+    def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", weights: str = "ema",
+                        **kwargs) -> TextToImage:
+        """The pipeline of a latent-diffusion run; ``weights``: its EMA (default) or raw weights."""
+        from ldm.systems.loading import load_latent_diffusion
 
-        system = load_system(path)
-        if not isinstance(system, LatentDiffusion):
-            raise TypeError(f"{path} is a {type(system).__name__} run, not a latent-diffusion run "
-                            "(ldm sample needs a checkpoint of ldm.systems.LatentDiffusion)")
-        return cls(system.to(device), **kwargs)
+        return cls(load_latent_diffusion(path, weights=weights).to(device), **kwargs)
 
     def latent_shape(self, image_size: int | tuple[int, int]) -> tuple[int, int, int]:
         """(C, h, w) of the latents of ``image_size`` pixels (a side, or (height, width)), each a multiple of the
@@ -108,46 +122,56 @@ class TextToImage:
                                  f"{fs.downsample_factor}")
         return fs.latent_channels, height // fs.downsample_factor, width // fs.downsample_factor
 
-    def condition(self, prompts: Sequence[str], start: int = 0) -> dict[str, Tensor] | None:
-        """The condition of ``prompts``, which stand at index ``start`` of the list being sampled."""
-        if self.condition_fn is not None:
-            return self.condition_fn(prompts, start)
-        system = self.system
-        embeds = system.vector_cond in ("clip_image", "clip_text")
-        if not system.uses_text and not embeds:
-            return None  # an unconditional model
-        if system.text_encoder is None:
-            raise ValueError("this model was trained on precomputed text features or CLIP embeddings and has no text "
-                             "encoder to read prompts: set model.text_encoder in its config, or give the CLIP the "
-                             "embeddings came from (UnCLIP(text_encoder=...), ldm sample --clip RUN)")
-        tokens = system.text_encoder.tokenizer(list(prompts)).to(system.device)
-        batch = {"tokens": tokens}
-        if embeds:
-            # a decoder of CLIP embeddings reads a prompt through its CLIP text embedding (unCLIP without a
-            # prior, seed 004); UnCLIP with a prior passes sampled image embeddings through condition_fn
-            batch[system.vector_cond] = system.text_encoder(tokens)["pooled"]
-        return system.condition(batch) or None
+    # -- conditions ------------------------------------------------------------------------------
+    @property
+    def text_encoder(self):
+        """The CLIP text encoder that reads prompts into embeddings (unCLIP), or None."""
+        return self.clip_text if self.clip_text is not None else self.conditioner.text_encoder
 
-    def with_task_input(self, cond: dict[str, Tensor] | None, like: Tensor, known: Tensor | None = None,
-                        mask: Tensor | None = None) -> dict[str, Tensor] | None:
-        """For a model trained for inpainting (concat route): add its extra input. ``known`` (B, C, h, w) and
-        ``mask`` (B, 1, h, w), 1 = regenerate; without them the whole image is generated."""
-        if not getattr(self.system, "inpainting", False):
-            return cond
-        known = torch.zeros_like(like) if known is None else known
-        mask = torch.ones_like(like[:, :1]) if mask is None else mask
-        return self.system.with_inpainting_input(cond or {}, known, mask)
+    @torch.no_grad()
+    def embeddings(self, prompts: Sequence[str], seed: int = 0) -> Tensor | None:
+        """The CLIP image embeddings (B, D) a decoder of embeddings is conditioned on for ``prompts``: drawn by the
+        prior with seed ``seed``, or the prompts' CLIP text embeddings without one; None for other models."""
+        if not self.conditioner.reads_embeddings:
+            return None
+        encoder = self.text_encoder
+        if encoder is None:
+            raise ValueError("this decoder of CLIP embeddings has no text encoder to read prompts: give the CLIP the "
+                             "embeddings came from (TextToImage(clip_text=...), ldm sample --clip RUN)")
+        text = encoder.encode_prompts(list(prompts), device=self.system.device)
+        if self.prior is None:
+            return text["pooled"]
+        return self.prior.sample(self.prior.text_condition(text), seed=seed, **self.prior_options)
 
-    def guided_denoiser(self, cond: dict[str, Tensor] | None, settings: SamplerSettings,
-                        uncond: dict[str, Tensor] | None = None):
-        """The system's denoiser, with classifier-free guidance at ``settings.cfg`` when there is a condition
-        (its other branch ``uncond``, e.g. a negative prompt's condition, else the null condition), and its x0
-        estimate thresholded as ``settings.threshold`` says."""
+    def conditions(self, prompts: Sequence[str], like: Tensor, settings: SamplerSettings, *, start: int = 0,
+                   embeddings: Tensor | None = None, known: Tensor | None = None, mask: Tensor | None = None,
+                   ) -> tuple[dict[str, Tensor] | None, dict[str, Tensor] | None]:
+        """(condition, unconditional condition) of ``prompts`` (which stand at index ``start`` of the images being
+        sampled, with latents like ``like``); the unconditional one is ``settings.negative_prompt``'s condition, or
+        the null condition. ``embeddings`` (B, D) or (1, D): a decoder of CLIP embeddings is conditioned on these
+        instead of the prompts' (image embeddings of variations, interpolations, text diffs). A model trained for
+        inpainting also reads ``known`` latents and ``mask`` (B, 1, h, w), 1 = regenerate (default: generate all)."""
+        seed = settings.seed + start
+        if embeddings is None:
+            embeddings = self.embeddings(prompts, seed)
+        negative = [settings.negative_prompt] * len(prompts) if settings.negative_prompt else None
+        negative_embeddings = self.embeddings(negative, seed) if negative else None
+        cond, uncond = self.conditioner.encode_prompts(prompts, negative, embeddings=embeddings,
+                                                       negative_embeddings=negative_embeddings)
+        if self.conditioner.inpainting:
+            known = torch.zeros_like(like) if known is None else known
+            mask = torch.ones_like(like[:, :1]) if mask is None else mask
+            cond = self.conditioner.with_concat(cond, known, mask)
+            uncond = self.conditioner.with_concat(uncond, known, mask)
+        return cond, uncond
+
+    def guided_denoiser(self, cond: dict[str, Tensor] | None, uncond: dict[str, Tensor] | None,
+                        settings: SamplerSettings):
+        """The system's denoiser, with classifier-free guidance at ``settings.cfg`` when there is a condition (its
+        other branch ``uncond``), and its x0 estimate thresholded as ``settings.threshold`` says."""
         model_fn = self.system.denoiser()
         if cond is not None and settings.cfg != 1.0:
-            model_fn = classifier_free_guidance(model_fn, scale=settings.cfg,
-                                                uncond=null_condition(cond) if uncond is None else uncond,
-                                                rescale=settings.rescale)
+            model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=uncond, rescale=settings.rescale)
         return thresholded(model_fn, self.threshold_mode(settings))
 
     def threshold_mode(self, settings: SamplerSettings) -> str:
@@ -156,23 +180,15 @@ class TextToImage:
             return settings.threshold
         return "clip" if isinstance(self.system.first_stage, IdentityFirstStage) else "none"
 
-    def denoiser_for(self, prompts: Sequence[str], cond: dict[str, Tensor] | None, settings: SamplerSettings,
-                     uncond: dict[str, Tensor] | None = None):
+    def denoiser_for(self, prompts: Sequence[str], cond: dict[str, Tensor] | None, uncond: dict[str, Tensor] | None,
+                     settings: SamplerSettings):
         """The denoiser that samples ``prompts`` (subclasses add guidance that reads the prompts)."""
-        return self.guided_denoiser(cond, settings, uncond)
-
-    def negative_condition(self, n: int, start: int, like: Tensor, settings: SamplerSettings):
-        """The condition of ``settings.negative_prompt`` for ``n`` images, or None (no negative prompt)."""
-        if not settings.negative_prompt:
-            return None
-        negative = self.condition([settings.negative_prompt] * n, start)
-        if negative is None:
-            raise ValueError("a negative prompt needs a text-conditioned model; this one is unconditional")
-        return self.with_task_input(negative, like)
+        return self.guided_denoiser(cond, uncond, settings)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int | tuple[int, int],
-                 progress: bool = True, index_offset: int = 0, x_init: Tensor | None = None) -> Tensor:
+                 progress: bool = True, index_offset: int = 0, x_init: Tensor | None = None,
+                 embeddings: Tensor | None = None) -> Tensor:
         """Images (len(prompts), 3, H, W) in [-1, 1], one per prompt (repeat a prompt for several).
 
         ``image_size``: a side, or (height, width) for a non-square image (each a multiple of the first stage's
@@ -182,9 +198,13 @@ class TextToImage:
         image ``i`` uses the noise of seed ``seed + index_offset + i`` wherever it is drawn.
         ``x_init``: the starting latents (len(prompts), C, h, w) at the first noise level, used as they are
         (e.g. DDIM-inverted noise of an image) instead of seeded noise.
+        ``embeddings``: for a decoder of CLIP embeddings, the embeddings (len(prompts), D) or (1, D) to decode
+        instead of the prompts' (default: drawn by the prior with seed ``seed + index_offset + i`` per chunk).
         """
         if x_init is not None and len(x_init) != len(prompts):
             raise ValueError(f"x_init has {len(x_init)} rows for {len(prompts)} prompts")
+        if embeddings is not None and len(embeddings) not in (1, len(prompts)):
+            raise ValueError(f"embeddings has {len(embeddings)} rows for {len(prompts)} prompts")
         system = self.system
         shape = self.latent_shape(image_size)
         sampler = SAMPLERS[settings.sampler]
@@ -200,9 +220,9 @@ class TextToImage:
             else:
                 x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
                 x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
-            cond = self.with_task_input(self.condition(part, lo), x)
-            uncond = self.negative_condition(len(part), lo, x, settings) if cond is not None else None
-            model_fn = self.denoiser_for(part, cond, settings, uncond)
+            rows = None if embeddings is None else embeddings if len(embeddings) == 1 else embeddings[lo: lo + len(part)]
+            cond, uncond = self.conditions(part, x, settings, start=index_offset + lo, embeddings=rows)
+            model_fn = self.denoiser_for(part, cond, uncond, settings)
             gen = torch.Generator(system.device).manual_seed(settings.seed + index_offset + lo)
             desc = f"sampling {settings.sampler}" + (f" [{c + 1}/{chunks}]" if chunks > 1 else "")
             callback = progress_bar(desc) if progress else None

@@ -34,19 +34,32 @@ class UnCLIP:
         prior: the diffusion prior (None: the text embedding is used as the image embedding).
         text_encoder: the CLIP whose embeddings both were trained on (default: the decoder's text encoder).
         prior_best_of, prior_cfg, prior_steps: prior sampling settings (default: the prior's own).
+
+    Text -> image is :class:`TextToImage` with the prior (:attr:`pipe`); the edits decode given embeddings with it.
     """
 
     def __init__(self, decoder, prior=None, text_encoder=None, batch_size: int = 16, prior_best_of: int | None = None,
                  prior_cfg: float | None = None, prior_steps: int | None = None):
-        if getattr(decoder, "vector_cond", None) not in ("clip_image", "clip_text"):
-            raise ValueError("the decoder must be conditioned on a CLIP embedding (vector_cond: clip_image)")
-        self.decoder, self.prior = decoder, prior
-        self.text_encoder = text_encoder or decoder.text_encoder
-        if self.text_encoder is None:
+        if not decoder.conditioner.reads_embeddings:
+            raise ValueError("the decoder must be conditioned on a CLIP embedding (the conditioner's vector: clip_image)")
+        self.decoder = decoder
+        self.pipe = TextToImage(decoder, batch_size=batch_size, prior=prior, clip_text=text_encoder,
+                                prior_options={"best_of": prior_best_of, "cfg": prior_cfg, "steps": prior_steps})
+        if self.pipe.text_encoder is None:
             raise ValueError("unCLIP needs the CLIP text encoder the embeddings came from: pass text_encoder")
-        self.batch_size = batch_size
-        self.prior_options = {"best_of": prior_best_of, "cfg": prior_cfg, "steps": prior_steps}
-        self.seed = 0
+
+    @property
+    def prior(self):
+        """The diffusion prior (None: the text embeddings stand in for image embeddings)."""
+        return self.pipe.prior
+
+    @prior.setter
+    def prior(self, prior) -> None:
+        self.pipe.prior = prior
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
 
     @property
     def clip(self):
@@ -60,14 +73,7 @@ class UnCLIP:
     @torch.no_grad()
     def image_embeddings_for(self, prompts: Sequence[str], seed: int = 0) -> Tensor:
         """CLIP image embeddings (B, D) for prompts: sampled by the prior, or the text embeddings without one."""
-        text = self.text_embeddings(prompts)
-        if self.prior is None:
-            return text["pooled"]
-        cond = {"text_emb": text["pooled"]}
-        if getattr(self.prior, "use_tokens", False):
-            cond["text_tokens"], cond["text_mask"] = text["tokens"], text["mask"]
-        options = {k: v for k, v in self.prior_options.items() if v is not None}
-        return self.prior.sample(cond, seed=seed, **options)
+        return self.pipe.embeddings(prompts, seed)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
@@ -75,45 +81,19 @@ class UnCLIP:
         return self.clip.encode_image(images.to(self.decoder.device))
 
     # -- decoding ----------------------------------------------------------------------------
-    def _decoder_condition(self, embeddings: Tensor, prompts: Sequence[str]) -> dict[str, Tensor]:
-        batch = {self.decoder.vector_cond: embeddings.to(self.decoder.device)}
-        if self.decoder.uses_text:
-            batch["tokens"] = self.text_encoder.tokenizer(list(prompts)).to(self.decoder.device)
-        return self.decoder.condition(batch)
-
-    def decoder_pipeline(self, embeddings: Tensor) -> TextToImage:
-        """The decoder as a :class:`TextToImage` whose prompt i is conditioned on ``embeddings[i]`` (one row: all)."""
-
-        def condition(part: Sequence[str], start: int) -> dict[str, Tensor]:
-            rows = embeddings.expand(len(part), -1) if len(embeddings) == 1 else embeddings[start: start + len(part)]
-            return self._decoder_condition(rows, part)
-
-        return TextToImage(self.decoder, batch_size=self.batch_size, condition_fn=condition)
-
-    def condition_through_prior(self, seed: int = 0):
-        """A :class:`TextToImage` ``condition_fn``: the prompts at ``start`` -> image embeddings drawn by the prior
-        with seed ``seed + start`` (the text embeddings without a prior) -> the decoder's condition. With it a plain
-        ``TextToImage`` (and so ``ldm eval`` and the evaluation callback) samples the whole unCLIP chain."""
-
-        def condition(part: Sequence[str], start: int) -> dict[str, Tensor]:
-            return self._decoder_condition(self.image_embeddings_for(part, seed=seed + start), part)
-
-        return condition
-
     @torch.no_grad()
     def decode(self, embeddings: Tensor, settings: SamplerSettings, *, image_size: int,
                prompts: Sequence[str] | None = None, progress: bool = False, x_init: Tensor | None = None) -> Tensor:
         """Images (B, 3, H, W) for CLIP image embeddings (B, D); image i from the noise of seed + i
         (or from ``x_init``)."""
         prompts = list(prompts) if prompts is not None else [""] * len(embeddings)
-        pipe = self.decoder_pipeline(embeddings)
-        return pipe(prompts, settings, image_size=image_size, progress=progress, x_init=x_init)
+        return self.pipe(prompts, settings, image_size=image_size, progress=progress, x_init=x_init,
+                         embeddings=embeddings)
 
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int,
-                 progress: bool = False) -> Tensor:
+                 progress: bool = False, index_offset: int = 0) -> Tensor:
         """Text -> image through the prior (or the text embedding) and the decoder."""
-        embeddings = self.image_embeddings_for(prompts, seed=settings.seed)
-        return self.decode(embeddings, settings, image_size=image_size, prompts=prompts, progress=progress)
+        return self.pipe(prompts, settings, image_size=image_size, progress=progress, index_offset=index_offset)
 
     # -- embedding-space edits (DALL-E 2, sec. 3) -----------------------------------------------
     def variations(self, image: Tensor, n: int, settings: SamplerSettings, *, image_size: int,
@@ -137,9 +117,8 @@ class UnCLIP:
     def invert(self, image: Tensor, settings: SamplerSettings, progress: bool = False) -> Tensor:
         """The decoder's DDIM-inverted noise latent (1, C, h, w) of one image, conditioned on its own embedding."""
         emb = self.encode_images(image)[:1]
-        return invert(self.decoder_pipeline(emb), image[:1], [""], replace(settings, sampler="ddim", eta=0.0),
-                      progress=progress)
-
+        return invert(self.pipe, image[:1], [""], replace(settings, sampler="ddim", eta=0.0), progress=progress,
+                      embeddings=emb)
     @torch.no_grad()
     def text_diff_embeddings(self, image: Tensor, old_prompt: str, new_prompt: str,
                              amounts: Sequence[float]) -> Tensor:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import pytorch_lightning as L
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import OptimizerCallable
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from ldm.diffusion import (
@@ -44,7 +44,7 @@ from ldm.diffusion import (
 )
 from ldm.metrics.retrieval import recall_at_k
 from ldm.diffusion.precond import sampling_sigmas
-from ldm.systems.optim import Shared, trainable_with_warmup
+from ldm.systems.optim import LinearWarmup, Shared, configure
 from ldm.systems.validation import (
     RowMeans,
     fixed_noise_losses,
@@ -57,10 +57,6 @@ from ldm.systems.validation import (
 )
 
 
-def _adamw(params):
-    return torch.optim.AdamW(params, lr=1.1e-4, weight_decay=6.0e-2)  # DALL-E 2's prior (table 3)
-
-
 class DiffusionPrior(L.LightningModule):
     """Args:
         prior: the transformer, called ``prior(x, t, text_emb=, text_tokens=, text_mask=)``.
@@ -68,7 +64,9 @@ class DiffusionPrior(L.LightningModule):
         loss: noise-level sampling and weighting (default: uniform timesteps, MSE on the target).
         cond_drop: probability of dropping the text condition per sample.
         use_tokens: feed the per-token text features (needs ``clip_tokens`` in the shards).
-        optimizer, warmup_steps: AdamW (DALL-E 2: lr 1.1e-4, weight decay 6e-2) with linear warmup.
+        optimizer: default AdamW with DALL-E 2's lr 1.1e-4 and weight decay 6e-2 (table 3).
+        lr_scheduler: stepped per optimizer step (default: constant; :class:`~ldm.systems.optim.LinearWarmup`
+            with ``warmup_steps`` ramps it up).
         sampler, steps, cfg, best_of: sampling settings of validation and :meth:`sample`.
         val_timesteps: fixed timesteps of the validation loss.
         val_seed: seed of the fixed validation noise and of validation sampling (drawn per sample key with it).
@@ -78,11 +76,13 @@ class DiffusionPrior(L.LightningModule):
     checkpoint_monitor = ("val/loss", "min")
 
     def __init__(self, prior: nn.Module, precond: Preconditioner | None = None, loss: DenoisingLoss | None = None,
-                 cond_drop: float = 0.1, use_tokens: bool = True, optimizer: OptimizerCallable = _adamw,
-                 warmup_steps: int = 0, sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, best_of: int = 1,
-                 val_timesteps: Sequence[int] = (100, 300, 500, 700, 900), val_seed: int = 0):
+                 cond_drop: float = 0.1, use_tokens: bool = True,
+                 optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1.1e-4, weight_decay=6e-2),
+                 lr_scheduler: LRSchedulerCallable = LinearWarmup, sampler: str = "ddim", steps: int = 25,
+                 cfg: float = 1.0, best_of: int = 1, val_timesteps: Sequence[int] = (100, 300, 500, 700, 900),
+                 val_seed: int = 0):
         super().__init__()
-        self.save_hyperparameters(ignore=["prior", "precond", "loss"])
+        self.save_hyperparameters(ignore=["prior", "precond", "loss", "optimizer", "lr_scheduler"])  # callables
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if best_of < 1:
@@ -91,7 +91,7 @@ class DiffusionPrior(L.LightningModule):
         self.precond = precond if precond is not None else X0Precond(DiscreteSchedule("cosine"))
         self.loss = loss if loss is not None else DenoisingLoss()
         self.cond_drop, self.use_tokens = cond_drop, use_tokens
-        self.optimizer_fn, self.warmup_steps = Shared(optimizer), warmup_steps
+        self.optimizer_fn, self.lr_scheduler_fn = Shared(optimizer), Shared(lr_scheduler)
         self.sampler, self.steps, self.cfg, self.best_of = sampler, steps, cfg, best_of
         self.val_levels, self.val_seed = validation_levels(self.precond, val_timesteps), val_seed
         self.val_means = RowMeans(fixed_noise_names(self.val_levels))
@@ -106,9 +106,15 @@ class DiffusionPrior(L.LightningModule):
         if missing:
             raise ValueError(f"the prior trains on precomputed CLIP embeddings; the batch lacks {', '.join(missing)} "
                              "(run `ldm precompute embeddings` and set data.decode_images: false)")
-        cond = {"text_emb": batch["clip_text"].float()}
+        return self.text_condition({"pooled": batch["clip_text"], "tokens": batch.get("clip_tokens"),
+                                    "mask": batch.get("clip_mask")})
+
+    def text_condition(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The prior's condition of text features {pooled (B, D), tokens (B, T, W), mask (B, T)}, as a CLIP text
+        encoder gives them (``FrozenTextEncoder``) or the embedding shards hold them."""
+        cond = {"text_emb": text["pooled"].float()}
         if self.use_tokens:
-            cond["text_tokens"], cond["text_mask"] = batch["clip_tokens"].float(), batch["clip_mask"].bool()
+            cond["text_tokens"], cond["text_mask"] = text["tokens"].float(), text["mask"].bool()
         return cond
 
     def target(self, batch: dict) -> Tensor:
@@ -124,7 +130,7 @@ class DiffusionPrior(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return trainable_with_warmup(self.optimizer_fn.value, self, self.warmup_steps)
+        return configure(self, self.optimizer_fn.value, self.lr_scheduler_fn.value)
 
     # -- sampling ----------------------------------------------------------------------------
     @torch.no_grad()

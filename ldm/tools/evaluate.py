@@ -2,12 +2,16 @@
 
     ldm eval --ckpt RUN_OR_CKPT [--data PATTERN] [--n 1000] [--sampler dpmpp_2m] [--steps 20] [--cfg 3]
              [--cfg-sweep 1,2,3,5,7] [--inception FILE|download] [--clip RUN_OR_CKPT] [--out DIR]
+             [--precision bf16-mixed] [--weights ema|raw]
 
 Generates one image per validation caption (the first ``--n`` samples of ``--data``, default the
 run's ``data.val``), with a fixed seed, and writes into ``--out``: ``report.json`` (every number
 and setting), ``report.md`` and ``report.html`` (tables, the sample grid, the sweep plot),
 ``samples.png`` (the first images with caption, CLIP score and compositional verdict) and, for
 ``--cfg-sweep``, ``cfg_sweep.png`` (FID, or FD-CLIP without Inception weights, against CLIP score).
+``--precision`` runs the generating networks under autocast (``bf16-mixed`` on a GPU); the Inception
+and CLIP scoring stay float32. ``--weights raw`` evaluates the weights the optimizer trained instead of
+the EMA average; both are recorded in the report.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.diffusion.samplers import SAMPLERS
+from ldm.pipelines.precision import PRECISION_HELP, parse_precision
 
 OFFICIAL_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
 
@@ -53,8 +58,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run folder>/eval)")
     p.add_argument("--grid", type=int, default=16, help="images in samples.png")
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="32-true", type=_precision, help=PRECISION_HELP + " (the Inception and "
+                   "CLIP scoring always run in float32)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"],
+                   help="--ckpt's weights: ema (the EMA average where the run kept one, else its only weights) or "
+                        "raw (the weights the optimizer trained); a --prior run uses its EMA weights")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _precision(value: str) -> str:
+    try:
+        return parse_precision(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _scorer(args, system):
@@ -65,7 +82,7 @@ def _scorer(args, system):
 
     if args.clip:
         return load_clip(args.clip), args.clip, f"the contrastive run {args.clip}"
-    encoder = system.text_encoder
+    encoder = system.conditioner.text_encoder
     if encoder is None:
         return None, None, "off (the model has no text encoder; pass --clip)"
     return encoder.model, None, ("the model's own text encoder CLIP: it conditions the model, so the score favours "
@@ -83,13 +100,12 @@ def _weights_note(weights: str | None) -> str:
     return weights
 
 
-def _through_prior(pipe, prior_run: str, seed: int, device: str):
+def _through_prior(pipe, prior_run: str, device: str):
     """The decoder's pipeline with prompts conditioned through the diffusion prior of ``prior_run``."""
-    from ldm.pipelines import TextToImage, UnCLIP
+    from ldm.pipelines import TextToImage
     from ldm.systems import load_prior
 
-    unclip = UnCLIP(pipe.system, load_prior(prior_run).to(device), batch_size=pipe.batch_size)
-    return TextToImage(pipe.system, batch_size=pipe.batch_size, condition_fn=unclip.condition_through_prior(seed))
+    return TextToImage(pipe.system, batch_size=pipe.batch_size, prior=load_prior(prior_run).to(device))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,13 +120,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             binding_eval_set,
             load_eval_set,
         )
-        from ldm.systems.loading import find_checkpoint, run_config, run_image_size
+        from ldm.pipelines.precision import PrecisionPipe
+        from ldm.systems.loading import find_checkpoint, load_latent_diffusion, run_config, run_image_size
 
         cfgs = [float(c) for c in args.cfg_sweep.split(",")] if args.cfg_sweep else [args.cfg]
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = TextToImage.from_checkpoint(args.ckpt, device=device, batch_size=args.batch_size)
+        pipe = TextToImage(load_latent_diffusion(args.ckpt, weights=args.weights).to(device),
+                           batch_size=args.batch_size)
         if args.prior:
-            pipe = _through_prior(pipe, args.prior, args.seed, device)
+            pipe = _through_prior(pipe, args.prior, device)
         size = args.size or run_image_size(args.ckpt)
         data_cfg = (run_config(args.ckpt).get("data") or {}).get("init_args") or {}
         if args.prompt_set == "val" and not args.data and data_cfg.get("decode_images") is False:
@@ -129,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for cfg in cfgs:
             settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=cfg, seed=args.seed)
-            result = evaluator.evaluate(pipe, evalset, settings, progress=not args.quiet)
+            result = evaluator.evaluate(PrecisionPipe(pipe, args.precision), evalset, settings,
+                                        progress=not args.quiet)
             results.append((settings, result))
             if not args.quiet:
                 print(f"cfg {cfg:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), flush=True)
@@ -152,7 +171,8 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
     k = min(args.grid, len(main.images))
     grid = list(zip(to_pil(main.images[:k]), main.labels(evalset, k), strict=True))
     caption_grid(grid, cell=128, caption_lines=7).save(out / "samples.png")
-    record = {"checkpoint": checkpoint, "prior": args.prior, "data": data, "n": len(evalset),
+    record = {"checkpoint": checkpoint, "weights": args.weights, "precision": args.precision, "prior": args.prior,
+              "data": data, "n": len(evalset),
               "image_size": evalset.image_size,
               "inception_weights": weights_note, "clip_scorer": scorer_note, "grid_cfg": main_settings.cfg,
               "results": [{"settings": s.to_dict(), "metrics": r.metrics} for s, r in results]}
@@ -164,7 +184,8 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
     rows = [[f"{s.cfg:g}"] + [f"{r.metrics[key]:.4g}" if key in r.metrics else "" for key in keys] for s, r in results]
     s = main_settings
     intro = (f"Checkpoint `{checkpoint}`, {len(evalset)} captions of `{data}` at {evalset.image_size} px; "
-             f"{s.sampler}, {s.steps} steps, seed {s.seed}. Inception weights: {weights_note}. "
+             f"{s.sampler}, {s.steps} steps, seed {s.seed}; {args.weights.upper()} weights, {args.precision}. "
+             f"Inception weights: {weights_note}. "
              f"CLIP scorer: {scorer_note}.")
     md = ["# Evaluation", "", intro, "", "| cfg | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     md += ["| " + " | ".join(row) + " |" for row in rows]

@@ -10,12 +10,13 @@
     ldm sample --ckpt RUN --mode inpaint --image in.png (--mask mask.png | --mask-box 0.5,0,1,1) --prompt ...
     ldm sample --ckpt RUN --mode invert --image in.png [--prompt ...]    # DDIM inversion -> reconstruction
     ... [--clip-guidance 1000 [--clip CLIP_RUN] [--noised-clip]] [--attention-maps]
+    ... [--precision bf16-mixed] [--weights raw]    # networks in bfloat16 (GPU); the raw, not the EMA, weights
 
 Every mode writes the captioned grid or strip (``--out``), every image on its own
 (``<out stem>/NNNN-<caption>.png``, numbered in generation order with as many digits as the count needs, at
 least four, so that the names sort) and a record (``<out stem>.json``: checkpoints, mode, inputs, prompts and
-their file, seeds, sampler settings, files). Image ``i`` starts from the noise of seed ``seed + i``,
-so the same command gives the same images. A decoder conditioned on CLIP image embeddings
+their file, seeds, sampler settings, precision, EMA or raw weights, files). Image ``i`` starts from the noise of
+seed ``seed + i``, so the same command gives the same images. A decoder conditioned on CLIP image embeddings
 (``configs/unclip/``) reads prompts through ``--prior`` (or, without one, through the CLIP text
 embedding itself); a cross-attention run reads them directly.
 """
@@ -31,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ldm.diffusion.samplers import SAMPLERS
+from ldm.pipelines.precision import PRECISION_HELP, parse_precision
 from ldm.tools.prompts import read_prompt_file
 
 MODES = ("text", "variations", "interpolate", "text-diff", "img2img", "inpaint", "invert")
@@ -40,7 +42,7 @@ IMAGES_NEEDED = {"variations": 1, "interpolate": 2, "text-diff": 1, "img2img": 1
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm sample", description="Sample or edit images with a trained latent-diffusion "
-                                "or unCLIP-decoder run (EMA weights when the run used EMA).")
+                                "or unCLIP-decoder run (its EMA weights where it kept an EMA, unless --weights raw).")
     p.add_argument("--ckpt", required=True, help="latent-diffusion / decoder run folder (runs/<name>/<version>) or a "
                    ".ckpt in one")
     p.add_argument("--mode", default="text", choices=MODES)
@@ -70,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="samples/grid.png", help="grid PNG; images and the JSON record go beside it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--precision", default="32-true", type=_precision, help=PRECISION_HELP)
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"],
+                   help="--ckpt's weights: ema (the EMA average where the run kept one, else its only weights) or "
+                        "raw (the weights the optimizer trained); the --prior and --clip runs use their EMA weights")
     g = p.add_argument_group("unCLIP")
     g.add_argument("--prior", help="diffusion-prior run: prompts -> CLIP image embeddings for an unCLIP decoder "
                    "(without it the CLIP text embedding is used directly)")
@@ -99,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="also write <out stem>_attention.png: the first prompt's cross-attention map per word")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _precision(value: str) -> str:
+    try:
+        return parse_precision(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -202,17 +215,18 @@ class Job:
 
     def __init__(self, args, settings, device: str):
         from ldm.contrastive import FrozenTextEncoder
-        from ldm.pipelines import TextToImage, UnCLIP
+        from ldm.pipelines import UnCLIP
         from ldm.systems import load_clip, load_prior
+        from ldm.systems.loading import load_latent_diffusion
 
-        system = TextToImage.from_checkpoint(args.ckpt, device=device).system  # checks the kind of run
+        system = load_latent_diffusion(args.ckpt, weights=args.weights).to(device)  # checks the kind of run
         self.args, self.settings = args, settings
         self.system = system
         self.unclip = None
-        if system.vector_cond in ("clip_image", "clip_text"):
+        if system.conditioner.reads_embeddings:
             prior = load_prior(args.prior).to(device) if args.prior else None
             text_encoder = None
-            if system.text_encoder is None:  # an image-embedding-only decoder: prompts need the CLIP
+            if system.conditioner.text_encoder is None:  # an image-embedding-only decoder: prompts need the CLIP
                 if not args.clip:
                     raise ValueError(f"{args.ckpt} has no text encoder to read prompts or embed images: give --clip, "
                                      "the contrastive run its embeddings came from")
@@ -222,7 +236,7 @@ class Job:
                                  prior_steps=args.prior_steps)
         elif args.mode in UNCLIP_MODES:
             raise ValueError(f"--mode {args.mode} needs a decoder conditioned on CLIP image embeddings "
-                             f"(configs/unclip/); {args.ckpt} is conditioned on {system.vector_cond or 'text'}")
+                             f"(configs/unclip/); {args.ckpt} is conditioned on {system.conditioner.vector or 'text'}")
         elif args.prior:
             raise ValueError("--prior drives a decoder conditioned on CLIP image embeddings; this run reads text")
         self.clip = load_clip(args.clip) if args.clip else None
@@ -232,12 +246,15 @@ class Job:
         from ldm.pipelines import TextToImage
         from ldm.pipelines.clip_guidance import ClipGuided
 
-        condition_fn = self.unclip.condition_through_prior(self.settings.seed) if self.unclip is not None else None
+        unclip = {}
+        if self.unclip is not None:  # prompts -> prior -> image embeddings -> decoder
+            unclip = {"prior": self.unclip.prior, "clip_text": self.unclip.text_encoder,
+                      "prior_options": self.unclip.pipe.prior_options}
         if self.args.clip_guidance:
             return ClipGuided(self.system, self.clip, scale=self.args.clip_guidance, noised=self.args.noised_clip,
                               through_denoiser=self.args.clip_through_denoiser, batch_size=self.args.batch_size,
-                              condition_fn=condition_fn)
-        return TextToImage(self.system, batch_size=self.args.batch_size, condition_fn=condition_fn)
+                              **unclip)
+        return TextToImage(self.system, batch_size=self.args.batch_size, **unclip)
 
 
 def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | None = None) -> tuple:
@@ -295,7 +312,7 @@ def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | N
     z = reconstruct(pipe, noise, expanded, settings, decode=False, progress=progress)
     z0 = job.system.first_stage.encode(inputs.to(job.system.device))
     errors = [float((a - b).norm() / b.norm()) for a, b in zip(z, z0)]
-    recon = job.system.first_stage.decode(z).clamp(-1, 1).cpu()
+    recon = job.system.first_stage.decode(z).clamp(-1, 1).float().cpu()
     return (torch.stack([x for pair in zip(inputs, recon) for x in pair]),
             [c for e in errors for c in ("input", f"reconstruction (latent error {e:.3f})")], 2,
             {"latent_relative_error": errors})
@@ -317,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ldm.data.preview import caption_grid
         from ldm.data.transforms import to_pil
         from ldm.pipelines import SamplerSettings
+        from ldm.pipelines.precision import float32_images, sampling_precision
         from ldm.systems.loading import find_checkpoint, run_image_size
 
         settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
@@ -331,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shape != (size, size) and args.mode != "text":
             raise ValueError(f"--height / --width are for --mode text; --mode {args.mode} works on square "
                              "images: use --size")
-        images, captions, columns, extra = run_mode(job, prompts, size, shape)
+        with sampling_precision(args.precision, job.system):
+            images, captions, columns, extra = run_mode(job, prompts, size, shape)
+        images = float32_images(images)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm sample: error: {e}", file=sys.stderr)
         return 2
@@ -350,7 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if not prompts:
                 raise ValueError("--attention-maps needs a --prompt")
-            image, maps, words = attention_maps(job.pipe(), prompts[0], settings, image_size=size)
+            with sampling_precision(args.precision, job.system):
+                image, maps, words = attention_maps(job.pipe(), prompts[0], settings, image_size=size)
+            image, maps = float32_images(image), float32_images(maps)
         except ValueError as e:
             print(f"ldm sample: error: {e}", file=sys.stderr)
             return 2
@@ -361,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "the diffusion prior" if args.prior else "the CLIP text embedding (no prior)"),
               "image_size": size if shape == (size, size) else list(shape),
               "prompts": prompts, "prompts_file": args.prompts, "prompt_column": args.prompt_column, "n": args.n,
-              "inputs": args.image, "settings": settings.to_dict(),
+              "inputs": args.image, "settings": settings.to_dict(), "precision": args.precision,
+              "weights": args.weights,
               "clip_guidance": {"scale": args.clip_guidance, "clip": args.clip, "noised": args.noised_clip,
                                 "through_denoiser": args.clip_through_denoiser} if args.clip_guidance else None,
               **extra, "grid": str(out), "images": files}

@@ -91,7 +91,7 @@ def test_clip_score_with_the_text_encoders_clip(tiny):
 
 
 def test_clip_guidance_with_the_text_encoders_clip(tiny):
-    for tower in ("standard", "custom"):  # ClipGuided's default CLIP is system.text_encoder.model
+    for tower in ("standard", "custom"):  # ClipGuided's default CLIP is the conditioner's text encoder's
         enc = FrozenTextEncoder(model_name=tiny[tower])
         ref = reference(enc, tiny[tower])
         x = images().requires_grad_(True)

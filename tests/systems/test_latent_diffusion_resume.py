@@ -3,7 +3,7 @@
 import pytest
 
 from tests.conftest import REPO
-from tests.ldm.conftest import stage_args
+from tests.stages import stage_args
 from tests.training.test_resume import DEBUG, assert_same_second_half, interrupted_vs_straight
 
 
@@ -12,7 +12,7 @@ def test_latent_diffusion_resume_is_exact(shapes_dir, stage_runs, tmp_path):
     args = ["-c", DEBUG, "-c", str(REPO / "configs/ldm/debug.yaml"), *stage_args(stage_runs),
             f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar", "--data.batch_size=8",
             "--data.samples_per_epoch=48", "--data.num_workers=1", "--trainer.val_check_interval=4",
-            "--trainer.limit_val_batches=1", "--model.init_args.cond_drop=0.3", "--model.init_args.warmup_steps=5"]
+            "--trainer.limit_val_batches=1", "--model.init_args.cond_drop=0.3", "--model.init_args.lr_scheduler.init_args.warmup_steps=5"]
     straight, resumed = interrupted_vs_straight(tmp_path, args)
     assert_same_second_half(straight, resumed)
 

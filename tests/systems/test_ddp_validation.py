@@ -14,7 +14,7 @@ from ldm.cli import LDMCLI
 from ldm.data import ShardDataModule
 from ldm.data.precompute import precompute_embeddings
 from tests.conftest import REPO, run_ldm
-from tests.ldm.conftest import DEBUG, LDM_DEBUG, stage_args
+from tests.stages import DEBUG, LDM_DEBUG, stage_args
 from tests.test_ddp import PADDED_VAL, _last_validation, assert_same_figures, single_process_validation
 
 LEVELS = [f"val/loss_t{t}" for t in (100, 300, 500, 700, 900)]

@@ -15,7 +15,7 @@ from ldm.data.precompute import precompute_embeddings, precompute_latents
 from ldm.pipelines import SamplerSettings, TextToImage
 from ldm.systems import LatentDiffusion
 from tests.conftest import run_ldm
-from tests.ldm.conftest import DEBUG, LDM_DEBUG, stage_args
+from tests.stages import DEBUG, LDM_DEBUG, stage_args
 
 
 def _system(shapes_dir, stage_runs, *extra: str) -> LatentDiffusion:
@@ -64,7 +64,7 @@ def test_condition_dropout_rate_is_p(shapes_dir, stage_runs):
     system = _system(shapes_dir, stage_runs, "--model.init_args.cond_drop=0.3")
     tokens = system.tokenizer(["a red circle"] * 2000)
     cond = system.condition({"tokens": tokens})
-    dropped, mask = system.drop(cond, torch.Generator().manual_seed(0))
+    dropped, mask = system.conditioner.drop(cond, system.cond_drop, torch.Generator().manual_seed(0))
     assert abs(mask.float().mean().item() - 0.3) < 0.03
     assert torch.count_nonzero(dropped["context"][mask]) == 0 and dropped["context_mask"][mask].all()
     assert torch.equal(dropped["context"][~mask], cond["context"][~mask])
@@ -73,7 +73,7 @@ def test_condition_dropout_rate_is_p(shapes_dir, stage_runs):
 
 def test_image_and_precomputed_paths_give_the_same_loss(shapes_dir, stage_runs, tmp_path):
     system = _system(shapes_dir, stage_runs).eval()
-    precompute_embeddings(system.text_encoder, f"{shapes_dir}/val-*.tar", tmp_path / "emb", progress=False)
+    precompute_embeddings(system.conditioner.text_encoder, f"{shapes_dir}/val-*.tar", tmp_path / "emb", progress=False)
     precompute_latents(system.first_stage.autoencoder, f"{tmp_path}/emb/val-*.tar", tmp_path / "lat", size=32,
                        progress=False)
     images = ShardDataModule(val=f"{shapes_dir}/val-*.tar", image_size=32, batch_size=12, num_workers=0,

@@ -20,7 +20,7 @@ from ldm.pipelines import SamplerSettings, TextToImage
 from ldm.pipelines.evaluate import GenerationEvaluator, load_eval_set
 from ldm.systems import LatentDiffusion
 from tests.conftest import REPO, run_ldm
-from tests.ldm.conftest import DEBUG, LDM_DEBUG, fit, stage_args
+from tests.stages import DEBUG, LDM_DEBUG, fit, stage_args
 
 
 def test_ldm_eval_writes_its_report_and_caches_the_reference(ldm_run, inception_file, tmp_path):

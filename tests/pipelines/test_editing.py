@@ -89,7 +89,7 @@ def test_clip_guidance_raises_the_clip_similarity_to_the_prompt(ldm_run):
     from ldm.pipelines.clip_guidance import ClipGuided, clip_similarity
 
     system = ldm_run.model.eval()
-    clip = system.text_encoder.model
+    clip = system.conditioner.text_encoder.model
     settings = SamplerSettings(sampler="ddim", steps=10, cfg=1.0, seed=0)
     plain = TextToImage(system)(PROMPTS, settings, image_size=32, progress=False)
     assert torch.equal(ClipGuided(system, scale=0.0)(PROMPTS, settings, image_size=32, progress=False), plain)
@@ -106,14 +106,14 @@ def test_clip_guidance_raises_the_clip_similarity_to_the_prompt(ldm_run):
 
 def test_noised_clip_guidance_on_a_pixel_space_model(ldm_run):
     """A pixel-space model (untrained) guided by a CLIP at the noisy input: the similarity rises."""
-    from ldm.diffusion import UNet
+    from ldm.diffusion import Conditioner, UNet
     from ldm.pipelines.clip_guidance import ClipGuided, clip_similarity
     from ldm.systems import LatentDiffusion
 
-    text_encoder = ldm_run.model.text_encoder
+    text_encoder = ldm_run.model.conditioner.text_encoder
     unet = UNet(in_channels=3, channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_levels=[1], heads=2,
                 context_dim=text_encoder.width, groups=8)
-    system = LatentDiffusion(unet, text_encoder=text_encoder).eval()
+    system = LatentDiffusion(unet, conditioner=Conditioner(text_encoder)).eval()
     settings = SamplerSettings(sampler="ddim", steps=8, cfg=1.0, seed=0)
     plain = TextToImage(system)(PROMPTS, settings, image_size=32, progress=False)
     guided = ClipGuided(system, scale=GUIDE_SCALE, noised=True)(PROMPTS, settings, image_size=32, progress=False)
@@ -175,7 +175,7 @@ def test_random_inpainting_masks():
 
 
 def test_inpainting_model_reads_the_known_region_through_its_concat_channels(shapes_dir, stage_runs, tmp_path):
-    from tests.ldm.conftest import DEBUG, fit, stage_args
+    from tests.stages import DEBUG, fit, stage_args
 
     cli = fit(["-c", *DEBUG, "-c", str(REPO / "configs/ldm/debug-inpaint.yaml"), *stage_args(stage_runs),
                f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0",
@@ -192,10 +192,10 @@ def test_inpainting_model_reads_the_known_region_through_its_concat_channels(sha
     # when they say "generate everything" (at sigma 0.5; after 150 steps there is no gain yet at sigma >= 2)
     sigma = torch.full((len(z0),), 0.5)
     x = z0 + 0.5 * torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
-    cond = pipe.condition(prompts)
+    settings = SamplerSettings()
     with torch.no_grad():
-        informed = system.denoiser()(x, sigma, pipe.with_task_input(cond, z0, z0, m))
-        blind = system.denoiser()(x, sigma, pipe.with_task_input(cond, z0))
+        informed = system.denoiser()(x, sigma, pipe.conditions(prompts, z0, settings, known=z0, mask=m)[0])
+        blind = system.denoiser()(x, sigma, pipe.conditions(prompts, z0, settings)[0])
     err = lambda d: float(((d - z0) * (1 - m)).pow(2).sum() / (1 - m).expand_as(z0).sum())  # noqa: E731
     assert err(informed) < INPAINT_RATIO * err(blind), (err(informed), err(blind))
     settings = SamplerSettings(sampler="ddim", steps=8, cfg=2.0, seed=0)
@@ -206,12 +206,12 @@ def test_inpainting_model_reads_the_known_region_through_its_concat_channels(sha
 
 def test_inpainting_settings_are_checked(shapes_dir, stage_runs):
     from ldm.cli import LDMCLI
-    from tests.ldm.conftest import DEBUG, stage_args
+    from tests.stages import DEBUG, stage_args
 
     base = ["-c", *DEBUG, "-c", str(REPO / "configs/ldm/debug-inpaint.yaml"), *stage_args(stage_runs),
             f"--data.train={shapes_dir}/train-*.tar"]
-    with pytest.raises(ValueError, match="nothing fills them: set inpainting: true"):
-        LDMCLI(args=[*base, "--model.init_args.inpainting=false"], run=False)
+    with pytest.raises(ValueError, match="nothing fills them: set the conditioner.s inpainting: true"):
+        LDMCLI(args=[*base, "--model.init_args.conditioner.init_args.inpainting=false"], run=False)
     with pytest.raises(ValueError, match="concat_channels = latent channels \\+ 1 = 5, got 4"):
         LDMCLI(args=[*base, "--model.init_args.unet.init_args.concat_channels=4"], run=False)
 

@@ -12,7 +12,7 @@ from ldm.contrastive import FrozenTextEncoder
 from ldm.data import ShardDataModule
 from ldm.data.precompute import precompute_embeddings
 from tests.conftest import REPO
-from tests.ldm.conftest import DEBUG, fit
+from tests.stages import DEBUG, fit
 
 PRIOR_DEBUG = str(REPO / "configs/prior/debug.yaml")
 TEXT_DIFF_BOUND = 0.02  # measured 0.0032 (20 DDIM steps, decoder trained 40 steps)
@@ -101,13 +101,13 @@ def test_unclip_decoder_configs_build_and_train_on_image_embeddings(config, deco
             f"--data.val={decoder_shards}/val-*.tar", "--data.num_workers=0", "--data.batch_size=8",
             f"--model.init_args.first_stage.init_args.checkpoint={stage_runs['ae']}", "--trainer.precision=32-true"]
     if config == "debug.yaml":
-        args.append(f"--model.init_args.text_encoder.init_args.checkpoint={stage_runs['clip']}")
+        args.append(f"--model.init_args.conditioner.init_args.text_encoder.init_args.checkpoint={stage_runs['clip']}")
     system = LDMCLI(args=args, run=False).model
     dm = ShardDataModule(val=f"{decoder_shards}/val-*.tar", decode_images=False, batch_size=8, num_workers=0)
     batch = next(iter(dm.val_dataloader()))
     cond = system.condition(batch)
     assert torch.allclose(cond["y"], batch["clip_image"] * batch["clip_image"].shape[-1] ** 0.5)  # unit variance per entry
-    text_tokens = 32 if system.text_context else 0
+    text_tokens = 32 if system.conditioner.text_context else 0
     assert cond["context"].shape == (8, text_tokens + 4, system.unet.context_dim)
     # the 4 embedding tokens follow the image embedding: another image, other tokens
     other = dict(batch, clip_image=batch["clip_image"].roll(1, dims=0))
@@ -122,12 +122,12 @@ def test_unclip_decoder_configs_build_and_train_on_image_embeddings(config, deco
         opt.step()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
-    assert system.embedding_proj.weight.grad is not None  # the projection is trained with the U-Net
-    if system.text_encoder is None:  # image-embedding only: prompts need the CLIP the embeddings came from
+    assert system.conditioner.embedding_proj.weight.grad is not None  # the projection is trained with the U-Net
+    if system.conditioner.text_encoder is None:  # image-embedding only: prompts need the CLIP the embeddings came from
         from ldm.pipelines import TextToImage
 
         with pytest.raises(ValueError, match="ldm sample --clip RUN"):
-            TextToImage(system).condition(["a red circle"])
+            TextToImage(system).embeddings(["a red circle"])
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def unclip(embeddings, decoder_shards, stage_runs, prior_run, tmp_path_factory):
     decoder = fit(["-c", *DEBUG, "-c", str(REPO / "configs/unclip/debug.yaml"), f"--data.train={decoder_shards}/train-*.tar",
                    f"--data.val={decoder_shards}/val-*.tar", "--data.num_workers=0", "--data.batch_size=16",
                    "--data.image_size=32", f"--model.init_args.first_stage.init_args.checkpoint={stage_runs['ae']}",
-                   f"--model.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.max_steps=40",
+                   f"--model.init_args.conditioner.init_args.text_encoder.init_args.checkpoint={clip_run}", "--trainer.max_steps=40",
                    "--trainer.limit_val_batches=0", f"--run.root={tmp_path_factory.mktemp('decoder')}"])
     pipe = UnCLIP(decoder.model.eval(), prior_run.model.eval(), prior_steps=5)
     pipe.runs = {"decoder": decoder.run_dir, "prior": prior_run.run_dir}

@@ -1,4 +1,5 @@
-"""Stage runs the latent-diffusion tests build on: a tiny trained autoencoder and CLIP, in run folders."""
+"""Stage runs the latent-diffusion tests build on (tests/systems, tests/pipelines, tests/tools): a tiny trained
+autoencoder and CLIP, and the debug LDM on them, in run folders; session fixtures, loaded by tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def stage_runs(shapes_dir, tmp_path_factory) -> dict[str, Path]:
 def stage_args(stage_runs: dict[str, Path]) -> list[str]:
     """Overrides pointing an LDM config's first stage and text encoder at the test's stage runs."""
     return [f"--model.init_args.first_stage.init_args.checkpoint={stage_runs['ae']}",
-            f"--model.init_args.text_encoder.init_args.checkpoint={stage_runs['clip']}"]
+            f"--model.init_args.conditioner.init_args.text_encoder.init_args.checkpoint={stage_runs['clip']}"]
 
 
 @pytest.fixture(scope="session")
