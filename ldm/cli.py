@@ -1,12 +1,15 @@
-"""The ``ldm`` command: LightningCLI for ``fit | validate | test | predict`` plus tool subcommands.
+"""The ``ldm`` command: LightningCLI for ``fit | validate | test`` plus tool subcommands.
 
 Configs compose left to right (``-c a.yaml -c b.yaml``), dotted overrides follow
 (``--trainer.max_steps=100``), ``--print_config`` shows the resolved result. Every
 key and type is checked by jsonargparse against the constructors' signatures
 before any model or data is built; a bad key exits with status 2 and names it.
 
-Tool subcommands (``ldm shards ...``) are plain argparse programs registered in
-:data:`TOOLS`; they are listed in ``ldm --help``.
+Tool subcommands (``ldm shards ...``) are registered in :data:`TOOLS`; they are listed in ``ldm --help``.
+
+This module is the console script and stays light: ``ldm --help`` and the tools import neither torch nor
+Lightning from here. The LightningCLI (:class:`~ldm.cli_lightning.LDMCLI` and its helpers) lives in
+:mod:`ldm.cli_lightning`, imported when a Lightning subcommand runs; ``from ldm.cli import LDMCLI`` still works.
 """
 
 from __future__ import annotations
@@ -14,39 +17,22 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any
 
 import yaml
-from pytorch_lightning import Callback, Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-)
-from pytorch_lightning.loggers import WandbLogger
 
-from ldm.callbacks import DataSkipMonitor, StepSeed
-from ldm.callbacks.divergence import DivergenceError, DivergenceGuard
-from ldm.callbacks.metrics_file import MetricsFileLedger
-from ldm.callbacks.preemption import Preemption
-from ldm.config_errors import describe_failure, summarize
-from ldm.data.urls import ShardPattern
-from ldm.runs import (
-    VERSION_ENV,
-    RunSettings,
-    RunWandbLogger,
-    build_loggers,
-    is_rank_zero,
-    resolve_version,
-    slurm_job_id,
-    snake_case,
-)
+DESCRIPTION = "Train and evaluate latent-diffusion stages."
+
+#: Lightning subcommand -> its one-line description (``ldm --help`` and ``ldm SUBCOMMAND --help``);
+#: :meth:`ldm.cli_lightning.LDMCLI.subcommands` registers exactly these
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "Train a stage (resume with --ckpt_path).",
+    "validate": "Run the stage's validation on data.val once, logged under val/.",
+    "test": "Run the stage's validation on data.test once, logged under test/.",
+}
 
 #: tool subcommand -> (module with ``main(argv)``, one-line description)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -71,316 +57,6 @@ def _epilog() -> str:
     )
 
 
-def model_tokenizer(model: Any) -> Any:
-    """The tokenizer a model provides to the data module (``model.tokenizer``), or None."""
-    return getattr(model, "tokenizer", None)
-
-
-class ConfigSaver(SaveConfigCallback):
-    """Saves ``config.yaml`` into the run folder and the same resolved config into W&B."""
-
-    def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
-        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-        for logger in trainer.loggers:
-            if isinstance(logger, RunWandbLogger):
-                logger.update_config(config)  # sent when the W&B run starts, at the first logged metrics
-            elif isinstance(logger, WandbLogger):
-                logger.experiment.config.update(config, allow_val_change=True)
-
-
-class LDMArgumentParser(LightningArgumentParser):
-    """Puts one ``dotted.key: problem`` line per error above jsonargparse's detailed report."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        lines = summarize(str(message)) if self.exit_on_error else []  # nested parsers raise to the top one
-        if lines:
-            message = "invalid config:\n" + "\n".join(f"  {line}" for line in lines) + "\n\ndetails: " + str(message)
-        return super().error(message, ex)
-
-
-class LDMCLI(LightningCLI):
-    """LightningCLI with run folders, default loggers and the model -> data tokenizer link."""
-
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any):
-        kwargs.setdefault("parser_class", LDMArgumentParser)
-        kwargs.setdefault("save_config_callback", ConfigSaver)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        from ldm.checkpoints import AtomicCheckpointGuard
-
-        # checkpoints written atomically and read with weights_only=True (ldm.checkpoints); the guard keeps that
-        # when a config's trainer.plugins replaces the default list. StepSeed and DivergenceGuard make a run a
-        # transaction: exact resume, no non-finite step or checkpoint. Preemption checkpoints at the current step on
-        # SLURM's warning signal (and SIGTERM) and requeues; MetricsFileLedger keeps each step once in metrics.csv.
-        kwargs.setdefault("trainer_defaults", {
-            "callbacks": [DataSkipMonitor(), StepSeed(), DivergenceGuard(), AtomicCheckpointGuard(), Preemption(),
-                          MetricsFileLedger()],
-            "plugins": [{"class_path": "ldm.checkpoints.AtomicCheckpointIO"}]})
-        kwargs.setdefault("parser_kwargs", {"description": "Train and evaluate latent-diffusion stages.",
-                                            "epilog": _epilog()})
-        self._started = _TrainingStarted()
-        self._created: str | None = None  # the first folder of the run's path that this start created
-        try:
-            super().__init__(args=args, run=run, **kwargs)
-        except (SystemExit, KeyboardInterrupt, DivergenceError):
-            raise
-        except Exception as exn:
-            if self._started.started:
-                raise
-            self._discard_failed_start()
-            # raised as it is (in-process callers catch what they expect); main() prints this one line instead
-            exn.ldm_start_failure = describe_failure(exn, self._plain_config())
-            raise
-
-    def _plain_config(self) -> dict:
-        config = getattr(self, "config", None)
-        if config is None:
-            return {}
-        section = config.get(self.subcommand) if getattr(self, "subcommand", None) else config
-        try:
-            return section.clone().as_dict() if section is not None else {}
-        except Exception:  # a partly parsed config: name no key rather than fail while reporting
-            return {}
-
-    def _discard_failed_start(self) -> None:
-        """A start that failed before its first training step leaves nothing behind: its run folder (with the
-        W&B files, config and any checkpoint) is removed, unless it existed before (a resume)."""
-        trainer = getattr(self, "trainer", None)
-        for logger in (trainer.loggers if trainer is not None else []):
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                logger._experiment.finish(exit_code=2)
-        if self._created and is_rank_zero() and os.path.isdir(self._created):
-            shutil.rmtree(self._created, ignore_errors=True)
-
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        kwargs.setdefault("formatter_class", _formatter())
-        return super().init_parser(**kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(RunSettings, "run")
-        parser.set_defaults({"data": {"class_path": "ldm.data.ShardDataModule"}})
-        parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=model_tokenizer, apply_on="instantiate")
-
-    def before_instantiate_classes(self) -> None:
-        """Check what the types cannot: that local shard files named anywhere in the config exist."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        problems = []
-        for key, value in config.items():
-            if isinstance(value, ShardPattern):
-                try:
-                    value.check()
-                except ValueError as e:
-                    problems.append(f"  {key}: {e}")
-        if problems:
-            self.parser.error("invalid config:\n" + "\n".join(problems))
-
-    def _run_settings(self) -> RunSettings:
-        run = self._get(self.config_init, "run")
-        return run if isinstance(run, RunSettings) else RunSettings(**dict(run or {}))
-
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if trainer_cfg.get("logger") in (None, True):
-            run = self._run_settings()
-            name = run.name or snake_case(type(self.model).__name__)
-            version = resolve_version(run.root, name, run.version)
-            os.environ[VERSION_ENV] = version  # processes spawned for DDP join the same folder
-            self.run_dir = os.path.join(run.root, name, version)
-            # decided once, by every rank, before rank 0 marks the folder at the first training step
-            self._slurm_restart = slurm_restart(self.run_dir)
-            self._started.run_dir = self.run_dir
-            if self.subcommand == "fit" and is_rank_zero():
-                self._refuse_foreign_run_folder()
-            self._created = _first_missing(self.run_dir)
-            kwargs["logger"] = build_loggers(run, name, version)
-            if trainer_cfg.get("default_root_dir") is None:
-                # SLURM requeue checkpoints (hpc_ckpt_*.ckpt) go to, and are resumed from, the run folder
-                kwargs["default_root_dir"] = self.run_dir
-        strategy = ddp_strategy_for(self.model, trainer_cfg.get("strategy"))
-        if strategy != trainer_cfg.get("strategy"):
-            kwargs["strategy"] = strategy
-        return super().instantiate_trainer(**kwargs)
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        if config.get("enable_checkpointing", True) is not False:
-            minutes = self._run_settings().checkpoint_minutes if self.subcommand in (None, "fit") else None
-            mine = [c for c in configured if isinstance(c, ModelCheckpoint)]
-            if not mine:
-                callbacks = [*callbacks, *default_checkpointing(self.model, minutes)]
-            elif minutes and not any(c._train_time_interval for c in mine):
-                callbacks = [*callbacks, timed_checkpoint(minutes, mine[0].dirpath)]  # a preset's own checkpoints
-        # a default callback configured by the user (e.g. DivergenceGuard with another patience) replaces ours
-        defaults = self.trainer_defaults.get("callbacks", [])
-        kept = [d for d in defaults if not any(type(c) is type(d) for c in configured)]
-        self.trainer_defaults["callbacks"] = kept
-        try:
-            return super()._instantiate_trainer(config, [*callbacks, self._started])
-        finally:
-            self.trainer_defaults["callbacks"] = defaults
-
-    def _refuse_foreign_run_folder(self) -> None:
-        """Two runs never share a folder (e.g. two ``ldm fit`` in one SLURM job): a folder that holds a run's
-        config is only entered to resume it (``--ckpt_path``, or a SLURM requeue with its hpc checkpoint)."""
-        if not os.path.isfile(os.path.join(self.run_dir, "config.yaml")):
-            return
-        if self.config[self.subcommand].get("ckpt_path") is not None:
-            return
-        if self._slurm_restart:
-            return
-        raise StartError(f"the run folder {self.run_dir} already holds another run (its config.yaml); resume it "
-                         "with --ckpt_path, or start a new run with another --run.version or --run.name")
-
-    def before_fit(self) -> None:
-        """Pick the checkpoint to resume from when the run continues in its own folder: ``--ckpt_path=newest``,
-        or a SLURM job starting again in its run folder (requeued after a preemption signal, a node failure or
-        ``scontrol requeue``). Both take the newest complete checkpoint of the folder by training step (hpc,
-        last, best or periodic), never Lightning's choice of the ``hpc_ckpt`` alone, which may be far older."""
-        config = self.config_init[self.subcommand]
-        run_dir = getattr(self, "run_dir", None) or self.trainer.default_root_dir
-        asked = config.get("ckpt_path")
-        if asked == "newest" or (asked is None and getattr(self, "_slurm_restart", False)):
-            from ldm.checkpoints import newest_checkpoint
-
-            newest = newest_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-            if newest is None and asked == "newest":
-                raise StartError(f"--ckpt_path=newest: the run folder {run_dir} holds no complete checkpoint")
-            if newest is not None:
-                logging.getLogger("ldm").warning("resuming from %s, the newest complete checkpoint of %s", newest,
-                                                 run_dir)
-            config["ckpt_path"] = str(newest) if newest is not None else None
-
-    def after_fit(self) -> None:
-        """Write ``checkpoints/last.ckpt`` with the weights of the last step. Lightning's default checkpoint
-        is written at epoch and validation ends, so a run stopped by ``max_steps`` mid-epoch would otherwise
-        leave ``ldm sample`` / ``load_system`` (which prefer ``last.ckpt``) an older checkpoint."""
-        trainer = self.trainer
-        callback = trainer.checkpoint_callback
-        if callback is None or trainer.global_step == 0:  # checkpointing off, or nothing trained
-            return
-        folder = getattr(callback, "dirpath", None) or os.path.join(getattr(self, "run_dir", trainer.default_root_dir),
-                                                                    "checkpoints")
-        trainer.save_checkpoint(os.path.join(folder, "last.ckpt"), weights_only=False)
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        finally:
-            os.environ.pop(VERSION_ENV, None)
-
-
-#: in a run folder: the SLURM job and attempt (``<job id>:<restart count>``) that last trained in it
-SLURM_ATTEMPT_FILE = ".slurm_attempt"
-
-
-def slurm_attempt() -> str | None:
-    job = slurm_job_id()
-    return f"{job}:{int(os.environ.get('SLURM_RESTART_COUNT', '0') or 0)}" if job else None
-
-
-def slurm_restart(run_dir: str) -> bool:
-    """Whether this SLURM job continues the run of its folder: requeued (``SLURM_RESTART_COUNT`` > 0), or
-    another job (a resubmitted ``submit.sbatch``) entering a folder that holds checkpoints. A second ``ldm fit``
-    of the same job attempt (the folder's ``.slurm_attempt`` names it) is not: two runs never share a folder."""
-    attempt = slurm_attempt()
-    if attempt is None or not os.path.isdir(run_dir):
-        return False
-    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
-        return True
-    marker = os.path.join(run_dir, SLURM_ATTEMPT_FILE)
-    if os.path.isfile(marker) and open(marker).read().strip() == attempt:
-        return False
-    folder = os.path.join(run_dir, "checkpoints")
-    return any(f.startswith("hpc_ckpt_") for f in os.listdir(run_dir)) or (
-        os.path.isdir(folder) and any(f.endswith(".ckpt") for f in os.listdir(folder)))
-
-
-class StartError(ValueError):
-    """A run that may not start (its folder belongs to another run): one line, exit status 2."""
-
-
-class _TrainingStarted(Callback):
-    """Marks the first training batch: errors before it are start failures (one line, exit 2, cleaned up)."""
-
-    def __init__(self) -> None:
-        self.started = False
-        self.run_dir: str | None = None
-
-    def _start(self, trainer: Trainer) -> None:
-        if not self.started and trainer.state.fn == "fit" and self.run_dir and slurm_attempt() and is_rank_zero():
-            with open(os.path.join(self.run_dir, SLURM_ATTEMPT_FILE), "w") as f:  # see slurm_restart
-                f.write(slurm_attempt() + "\n")
-        self.started = True
-        for logger in trainer.loggers:
-            if isinstance(logger, RunWandbLogger):
-                logger.allow_start()
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        self._start(trainer)
-
-    def on_validation_batch_start(self, trainer: Trainer, pl_module, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
-        if not trainer.training and trainer.state.fn != "fit":  # ldm validate; the sanity check is not a start
-            self._start(trainer)
-
-    def on_test_batch_start(self, trainer: Trainer, pl_module, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
-        self._start(trainer)
-
-
-def ddp_strategy_for(model: Any, strategy: Any) -> Any:
-    """``strategy``, with DDP's unused-parameter detection on for a system that declares it needs it.
-
-    A system with ``ddp_find_unused_parameters = True`` (the autoencoder: generator and discriminator each sit
-    out one of its two backward passes) crashes under plain ``ddp`` at its second step; a strategy name such as
-    ``ddp`` (what slurm/fit.sbatch passes) becomes Lightning's registered ``ddp_find_unused_parameters_true``.
-    Anything else (an explicit ``*_find_unused_parameters_false``, a strategy object) is left as given.
-    """
-    from pytorch_lightning.strategies import StrategyRegistry
-
-    if isinstance(strategy, str) and getattr(model, "ddp_find_unused_parameters", False):
-        detecting = f"{strategy}_find_unused_parameters_true"
-        if detecting in StrategyRegistry:
-            return detecting
-    return strategy
-
-
-def default_checkpointing(model: Any, minutes: float | None = None) -> list[ModelCheckpoint]:
-    """The best checkpoint by the stage's validation metric (the system's ``checkpoint_monitor``, e.g.
-    ``("val/loss", "min")``) and ``last.ckpt`` at every validation; ``ldm fit`` also writes ``last.ckpt`` at the
-    end. A system without ``checkpoint_monitor`` keeps Lightning's default: the newest checkpoint of each epoch.
-    With ``minutes``, ``last.ckpt`` is also written every ``minutes`` of training (``run.checkpoint_minutes``):
-    what a job killed without warning loses is bounded by it."""
-    monitor, mode = getattr(model, "checkpoint_monitor", (None, "min"))
-    if monitor is None:
-        checkpoints = [ModelCheckpoint(save_last=True)]
-    else:
-        checkpoints = [ModelCheckpoint(monitor=monitor, mode=mode, save_top_k=1, save_last=True,
-                                       filename="best-{epoch}-{step}")]
-    if minutes:
-        checkpoints.append(timed_checkpoint(minutes))
-    return checkpoints
-
-
-def timed_checkpoint(minutes: float, dirpath: str | None = None) -> ModelCheckpoint:
-    """``last.ckpt`` every ``minutes`` of training (``run.checkpoint_minutes``), also beside a config's own
-    ModelCheckpoints: what a job killed without warning loses is bounded by it."""
-    return ModelCheckpoint(dirpath=dirpath, train_time_interval=timedelta(minutes=minutes), save_top_k=0,
-                           save_last=True)
-
-
-def _first_missing(path: str) -> str | None:
-    """The outermost folder of ``path`` that does not exist yet (what a failed start must remove), or None."""
-    missing = None
-    current = os.path.abspath(path)
-    while not os.path.exists(current):
-        missing = current
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    return missing
-
-
 def _yaml_problem(args: Sequence[str]) -> str | None:
     """A config file given with ``-c``/``--config`` that is not valid YAML, named with the parser's position."""
     for i, arg in enumerate(args):
@@ -398,6 +74,52 @@ def _yaml_problem(args: Sequence[str]) -> str | None:
     return None
 
 
+#: a type's "known subclasses" in the help are listed in full up to this many (optimizers, schedulers, callbacks
+#: are); beyond, only ldm's exported classes and the user's own (see shorten_known_subclasses)
+KNOWN_SUBCLASSES_SHOWN = 100
+_KNOWN = ", known subclasses: "
+
+
+def _library_module(top: str) -> bool:
+    """Whether the top-level module ``top`` is an installed library or the standard library (not ``ldm`` and not
+    the user's own modules in the working directory)."""
+    if top == "ldm":
+        return False
+    module = sys.modules.get(top)
+    path = getattr(module, "__file__", None) or ""
+    return module is None or not path or "site-packages" in path or "dist-packages" in path or \
+        path.startswith(os.path.dirname(os.__file__))
+
+
+def shorten_known_subclasses(help_text: str, limit: int = KNOWN_SUBCLASSES_SHOWN) -> str:
+    """A type help's ``known subclasses: a, b, ...`` shortened when it names more than ``limit`` classes.
+
+    A parameter typed ``nn.Module`` (the systems' ``unet`` / ``prior``) would list every module class that
+    torch, torchvision, timm, open_clip and ldm define: about 1,500 lines of ``ldm fit --model.help
+    ldm.systems.LatentDiffusion``. Beyond ``limit``, only the classes that ldm's packages export
+    (``ldm.diffusion.UNet``, not ``ldm.diffusion.unet.UNetBlock``) and the user's own modules are named; the rest
+    are counted, with the libraries they come from. Any of them is still accepted as a ``class_path``.
+    """
+    start = help_text.find(_KNOWN)
+    if start < 0 or " more from " in help_text:  # jsonargparse may format a help string twice
+        return help_text
+    begin = start + len(_KNOWN)
+    end = help_text.find(")", begin)
+    end = len(help_text) if end < 0 else end
+    paths = help_text[begin:end].split(", ")
+    if len(paths) <= limit:
+        return help_text
+
+    def named(path: str) -> bool:
+        top = path.split(".")[0]
+        return path.count(".") == 2 if top == "ldm" else not _library_module(top)
+
+    shown = [p for p in paths if named(p)]
+    libraries = sorted({p.split(".")[0] for p in paths if _library_module(p.split(".")[0])})
+    rest = f"{len(paths) - len(shown):,} more from " + (", ".join(libraries) or "ldm")
+    return help_text[:begin] + (", ".join(shown) + " and " if shown else "") + rest + help_text[end:]
+
+
 def _formatter():
     from jsonargparse import DefaultHelpFormatter
 
@@ -405,7 +127,32 @@ def _formatter():
         def _fill_text(self, text: str, width: int, indent: str) -> str:
             return "".join(indent + line for line in text.splitlines(keepends=True))
 
+        def _get_help_string(self, action) -> str:
+            return shorten_known_subclasses(super()._get_help_string(action))
+
     return Formatter
+
+
+def top_parser():
+    """The parser of ``ldm`` without a subcommand: the same help as the LightningCLI's, built without torch."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(description=DESCRIPTION, epilog=_epilog(), formatter_class=_formatter())
+    parser.add_argument("-c", "--config", action=ActionConfigFile,
+                        help="Path to a configuration file in json or yaml format.")
+    subcommands = parser.add_subcommands()
+    for name, description in SUBCOMMANDS.items():
+        subcommands.add_subcommand(name, ArgumentParser(description=description), help=description)
+    return parser
+
+
+def __getattr__(name: str) -> Any:
+    """``from ldm.cli import LDMCLI`` (and the other names of :mod:`ldm.cli_lightning`), imported on first use."""
+    if not name.startswith("__"):
+        module = importlib.import_module("ldm.cli_lightning")
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module 'ldm.cli' has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -417,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in TOOLS:
         module = importlib.import_module(TOOLS[args[0]][0])
         return int(module.main(args[1:]) or 0)
+    if not args or args[0] in ("-h", "--help"):
+        # the top-level help (or the missing subcommand) without building the Lightning parsers: no torch
+        top_parser().parse_args(args)  # prints and exits
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # our train stream defines __len__ on purpose: every worker yields its exact share of the epoch
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -424,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem := _yaml_problem(args):
         print(f"{command}: error: {problem}", file=sys.stderr)
         return 2
+    from ldm.cli_lightning import DivergenceError, LDMCLI  # torch and Lightning: only for a Lightning subcommand
+
     try:
         LDMCLI(args=None if argv is None else args)
     except DivergenceError as e:

@@ -1,6 +1,6 @@
 """Run directories and loggers: ``runs/<experiment>/<version>/`` with CSV metrics and W&B files.
 
-Every ``ldm fit|validate|test|predict`` writes into one folder::
+Every ``ldm fit|validate|test`` writes into one folder::
 
     runs/<name>/<version>/
         config.yaml          the fully resolved config (LightningCLI)

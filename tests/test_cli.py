@@ -77,7 +77,7 @@ def test_help_lists_subcommands_and_tools(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for word in ("fit", "validate", "test", "predict", "ldm shards"):
+    for word in ("fit", "validate", "test", "ldm shards"):
         assert word in out
     with pytest.raises(SystemExit):
         main(["shards", "--help"])

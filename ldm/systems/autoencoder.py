@@ -32,7 +32,7 @@ from ldm.autoencoder import Autoencoder, AutoencoderLoss, LatentScaleEstimator
 from ldm.autoencoder.bottlenecks import code_perplexity
 from ldm.data.transforms import to_uint8
 from ldm.systems.optim import LinearWarmup, Shared, build_scheduler
-from ldm.systems.validation import Histogram, RowMeans, log_means
+from ldm.systems.validation import Histogram, RowMeans, ValidationAsTest, log_means
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _rename_old_scale_state(module, state_dict, prefix, *args) -> None:
         state_dict.setdefault(prefix + "latent_scale.count", state_dict[prefix + "batches_seen"].clone())
 
 
-class AutoencoderSystem(L.LightningModule):
+class AutoencoderSystem(ValidationAsTest, L.LightningModule):
     """Args:
         autoencoder: encoder + bottleneck + decoder.
         loss: reconstruction / perceptual / regulariser / adversarial terms and the discriminator.

@@ -28,7 +28,7 @@ from ldm.contrastive import ContrastiveLoss, OpenCLIP, ZeroShotTask
 from ldm.contrastive.noised import noise_images
 from ldm.metrics.retrieval import class_embeddings, recall_at_k, zero_shot_accuracy
 from ldm.systems.optim import Shared, WarmupCosine, configure
-from ldm.systems.validation import gather_rows
+from ldm.systems.validation import ValidationAsTest, gather_rows
 
 
 def open_clip_adamw(params) -> torch.optim.AdamW:
@@ -43,7 +43,7 @@ def no_weight_decay(name: str, p: torch.nn.Parameter, decay_embeddings: bool = T
             or (not decay_embeddings and "embedding" in name))
 
 
-class ContrastiveSystem(L.LightningModule):
+class ContrastiveSystem(ValidationAsTest, L.LightningModule):
     """Args:
         model: the CLIP / SigLIP model.
         loss: :class:`~ldm.contrastive.ClipLoss` or :class:`~ldm.contrastive.SigLipLoss`.

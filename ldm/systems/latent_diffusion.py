@@ -40,6 +40,7 @@ from ldm.diffusion.inpainting import random_masks
 from ldm.systems.optim import LinearWarmup, Shared, configure
 from ldm.systems.validation import (
     RowMeans,
+    ValidationAsTest,
     fixed_noise_losses,
     fixed_noise_names,
     log_means,
@@ -61,7 +62,7 @@ def _rename_pre_conditioner_keys(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + "conditioner." + old[len(prefix):]] = state_dict.pop(old)
 
 
-class LatentDiffusion(L.LightningModule):
+class LatentDiffusion(ValidationAsTest, L.LightningModule):
     """Args:
         unet: the denoising network, called ``unet(x, t, context=, context_mask=, y=)``.
         first_stage: frozen image <-> latent maps (default: identity = pixel space).

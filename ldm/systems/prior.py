@@ -47,6 +47,7 @@ from ldm.diffusion.precond import sampling_sigmas
 from ldm.systems.optim import LinearWarmup, Shared, configure
 from ldm.systems.validation import (
     RowMeans,
+    ValidationAsTest,
     fixed_noise_losses,
     fixed_noise_names,
     gather_rows,
@@ -57,7 +58,7 @@ from ldm.systems.validation import (
 )
 
 
-class DiffusionPrior(L.LightningModule):
+class DiffusionPrior(ValidationAsTest, L.LightningModule):
     """Args:
         prior: the transformer, called ``prior(x, t, text_emb=, text_tokens=, text_mask=)``.
         precond: parameterisation (default: x0 prediction, cosine schedule).

@@ -35,6 +35,29 @@ from ldm.diffusion import Cond, DenoisingLoss
 from ldm.diffusion.precond import Preconditioner, VPPrecond
 
 
+class ValidationAsTest:
+    """``ldm test``: a system's validation run on ``data.test``, its figures logged under ``test/``.
+
+    Mixed in before ``LightningModule``: ``test_step`` and the test epoch hooks call the validation ones, and
+    every ``val/...`` name the validation logs while the trainer tests becomes ``test/...``.
+    """
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, *args, **kwargs):
+        return self.validation_step(*args, **kwargs)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    def log(self, name: str, *args, **kwargs) -> None:  # log_dict calls it too
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.testing and name.startswith("val/"):
+            name = "test/" + name[len("val/"):]
+        super().log(name, *args, **kwargs)
+
+
 class RowMeans(Metric):
     """Means of named per-row figures over the valid rows of an epoch, reduced across ranks at :meth:`compute`.
 
