@@ -26,7 +26,7 @@ demo: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) experiments/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -m "not slow and not gpu and not slurm"
+	$(PY) -m pytest -m "not slow and not gpu and not slurm" --durations=15
 
 test-all: $(STAMP)
 	$(PY) -m pytest
