@@ -178,6 +178,15 @@ def _heun_sigmas(ref):
     return torch.cat([s[:1], s[1:-1:2], s[-1:]])
 
 
+def reference_trajectory(ref, x):
+    """The samples after each step of a diffusers scheduler from ``x``, with the analytic eps."""
+    expected, y = [], x.clone()
+    for t in ref.timesteps:
+        y = ref.step(eps_fn(y, t), t, y).prev_sample
+        expected.append(y)
+    return expected
+
+
 def test_dpmpp_2m_equals_diffusers():
     ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                                 algorithm_type="dpmsolver++", solver_order=2)
@@ -187,10 +196,7 @@ def test_dpmpp_2m_equals_diffusers():
     sigmas = ref.sigmas.double()
     assert sigmas[-1] == 0 and len(sigmas) == 21
     x = start()
-    expected, y = [], x.clone()
-    for t in ref.timesteps:
-        y = ref.step(eps_fn(y, t), t, y).prev_sample
-        expected.append(y)
+    expected = reference_trajectory(ref, x)
     got, cb = _recorder()
     sample_dpmpp_2m(model_fn, x * (1 + sigmas[0] ** 2).sqrt(), sigmas, callback=cb)
     for a, b in zip(got, expected):
@@ -244,10 +250,7 @@ def test_unipc_equals_diffusers(steps, order):
     sigmas = ref.sigmas.double()
     assert sigmas[-1] == 0 and len(sigmas) == steps + 1
     x = start()
-    expected, y = [], x.clone()
-    for t in ref.timesteps:
-        y = ref.step(eps_fn(y, t), t, y).prev_sample
-        expected.append(y)
+    expected = reference_trajectory(ref, x)
     got, cb = _recorder()
     out = sample_unipc(model_fn, x * (1 + sigmas[0] ** 2).sqrt(), sigmas, order=order, callback=cb)
     assert len(got) == len(expected) == len(calls) == steps
