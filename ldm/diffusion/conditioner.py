@@ -240,11 +240,6 @@ class Conditioner(nn.Module):
         return {**(cond or {}), "concat": inpaint_concat(known, mask)}
 
     @staticmethod
-    def null(cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The unconditional counterpart of a condition (what condition dropout substitutes)."""
-        return null_condition(cond)
-
-    @staticmethod
     def drop(cond: Mapping[str, Tensor], p: float,
              generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """(``cond`` with each sample's condition nulled with probability ``p``, the drop mask (B,))."""
