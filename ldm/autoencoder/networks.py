@@ -4,6 +4,8 @@ Encoder: conv_in -> per level ``num_res_blocks`` ResBlocks (width ``channels * m
 a stride-2 downsample between levels -> middle (ResBlock, self-attention, ResBlock) ->
 GroupNorm, SiLU, conv_out to ``out_channels``. The decoder mirrors it. With
 ``len(channel_mult) = L`` levels the downsampling factor is f = 2^(L-1): (1, 2, 4, 4) is f = 8.
+The decoder may start with a 1x1 conv on the latent (``latent_projection``: the
+``post_quant_conv`` of the CompVis / diffusers KL autoencoders).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class Encoder(nn.Module):
                  dropout: float = 0.0, groups: int = 32):
         super().__init__()
         self.downsample_factor = _check(channel_mult)
+        # the architecture, read back by weight converters (ldm.interop)
+        self.channels, self.channel_mult, self.num_res_blocks = channels, tuple(channel_mult), num_res_blocks
+        self.attention_levels, self.mid_attention, self.groups = tuple(attention_levels), mid_attention, groups
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         blocks: list[nn.Module] = []
         width = channels
@@ -58,14 +63,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latents (B, in_channels, h, w) -> images (B, out_channels, h*f, w*f)."""
+    """Latents (B, in_channels, h, w) -> images (B, out_channels, h*f, w*f).
+
+    ``latent_projection``: a 1x1 conv on the latent before ``conv_in`` (diffusers' / CompVis'
+    ``post_quant_conv``); off by default.
+    """
 
     def __init__(self, in_channels: int = 4, out_channels: int = 3, channels: int = 128,
                  channel_mult: tuple[int, ...] | list[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  attention_levels: tuple[int, ...] | list[int] = (), mid_attention: bool = True,
-                 dropout: float = 0.0, groups: int = 32):
+                 dropout: float = 0.0, groups: int = 32, latent_projection: bool = False):
         super().__init__()
         self.upsample_factor = _check(channel_mult)
+        self.channels, self.channel_mult, self.num_res_blocks = channels, tuple(channel_mult), num_res_blocks
+        self.attention_levels, self.mid_attention, self.groups = tuple(attention_levels), mid_attention, groups
+        self.latent_proj = nn.Conv2d(in_channels, in_channels, 1) if latent_projection else None
         width = channels * channel_mult[-1]
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)
         self.mid = nn.ModuleList([ResBlock(width, dropout=dropout, groups=groups),
@@ -90,6 +102,8 @@ class Decoder(nn.Module):
         return self.conv_out.weight
 
     def forward(self, z: Tensor) -> Tensor:
+        if self.latent_proj is not None:
+            z = self.latent_proj(z)  # (B, in_channels, h, w)
         h = self.conv_in(z)  # (B, C_max, h, w)
         for block in self.mid:
             h = block(h)

@@ -69,8 +69,8 @@ class GenerationEvalCallback(L.Callback):
             from ldm.systems import load_system
 
             clip, clip_id = load_system(self.clip_checkpoint).model, self.clip_checkpoint
-        elif self.clip_checkpoint is None and pl_module.conditioner.text_encoder is not None:
-            clip = pl_module.conditioner.text_encoder.model
+        elif self.clip_checkpoint is None and getattr(pl_module.conditioner.text_encoder, "has_image_tower", False):
+            clip = pl_module.conditioner.text_encoder.model  # (a text tower alone cannot score images)
         self._evaluator = GenerationEvaluator(self.inception_weights, clip, clip_id, batch_size=self.batch_size,
                                               device=pl_module.device)
 

@@ -52,7 +52,9 @@ class OpenCLIP(nn.Module):
             self.clip = open_clip.model.CLIP(embed_dim, vision, text, init_logit_scale=scale, init_logit_bias=bias)
             self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text.context_length)
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # identity on [-1, 1] inputs
-        if pretrained is not None:
+        if pretrained is not None and is_torchscript(pretrained):
+            load_openai_archive(self.clip, pretrained, model_name)
+        elif pretrained is not None:
             try:
                 open_clip.load_checkpoint(self.clip, pretrained)
             except (RuntimeError, KeyError) as e:
@@ -86,3 +88,36 @@ class OpenCLIP(nn.Module):
     def embed_texts(self, texts: list[str], normalize: bool = True) -> Tensor:
         device = self.logit_scale.device
         return self.encode_text(self.tokenizer(texts).to(device), normalize=normalize)
+
+
+def is_torchscript(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a TorchScript archive (OpenAI's released CLIP files, e.g. ``ViT-L-14.pt``)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+#: entries of OpenAI's archives that are not weights
+OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+def load_openai_archive(clip: nn.Module, path: str | os.PathLike, model_name: str | None) -> None:
+    """Load OpenAI's CLIP release (a TorchScript archive, float16) into an open_clip ``CLIP`` of the same shape.
+
+    ``torch.load(weights_only=True)`` refuses TorchScript archives; ``torch.jit.load`` reads their tensors (what
+    open_clip's ``load_openai_model`` does too). OpenAI's models use QuickGELU: the open_clip name must be a
+    ``-quickgelu`` one (``ViT-L-14-quickgelu``), or every activation would silently differ.
+    """
+    config = open_clip.get_model_config(model_name) if model_name else None
+    if config is None or not config.get("quick_gelu", False):
+        raise ValueError(f"{path} is an OpenAI CLIP release (TorchScript), trained with QuickGELU: use the open_clip "
+                         f"model name with -quickgelu (e.g. ViT-L-14-quickgelu), not {model_name!r}")
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items() if k not in OPENAI_EXTRAS}
+    try:
+        clip.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match the model {model_name}: {str(e)[:400]}") from None

@@ -1,8 +1,11 @@
 """A frozen CLIP text encoder for the diffusion stages: per-token features, mask, pooled embedding.
 
-Built from one of our contrastive runs (``checkpoint``: a run folder or a .ckpt in one) or
-from a pretrained open_clip file (``model_name`` + ``pretrained`` path, e.g. the OpenCLIP
-ViT-H/14 that Stable Diffusion 2 conditions on). ``forward(tokens)`` returns
+Built from one of our contrastive runs (``checkpoint``: a run folder or a .ckpt in one), from a
+pretrained open_clip file (``model_name`` + ``pretrained`` path, e.g. the OpenCLIP ViT-H/14 that
+Stable Diffusion 2 conditions on), or from a text tower alone (``text`` config + ``pretrained``
+weights of open_clip's ``TextTransformer`` + optional ``tokenizer`` folder: the CLIP ViT-L/14 text model of
+Stable Diffusion 1.x as ``ldm convert`` imports it, :class:`~ldm.contrastive.text_tower.TextTower`).
+``forward(tokens)`` returns
 
 * ``tokens`` (B, T, W): the text transformer's output after the final LayerNorm, the
   sequence the U-Net cross-attends to and the prior reads;
@@ -28,10 +31,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from open_clip.hf_model import ClsPooler, HFTextEncoder
+from open_clip.model import CLIPTextCfg
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
 from ldm.contrastive.model import OpenCLIP
+from ldm.contrastive.text_tower import TextTower
 from ldm.diffusion.conditioner import TextEncoder
 
 
@@ -39,10 +44,20 @@ class FrozenTextEncoder(TextEncoder):
     layer: int = -1  # the text block whose output is ``tokens`` (see the module docstring)
 
     def __init__(self, checkpoint: str | None = None, model_name: str | None = None, pretrained: str | None = None,
-                 layer: int = -1):
+                 layer: int = -1, text: CLIPTextCfg | None = None, quick_gelu: bool = False,
+                 tokenizer: str | None = None):
+        """Args:
+            checkpoint: a contrastive run folder (or a .ckpt in one).
+            model_name, pretrained: an open_clip model name and its local weights file.
+            layer: the text block whose output is ``tokens`` (-1 the last).
+            text, quick_gelu, tokenizer: a text tower alone (:class:`TextTower`), with ``pretrained`` its weights.
+        """
         super().__init__()
-        if (checkpoint is None) == (model_name is None):
-            raise ValueError("give either checkpoint (a contrastive run) or model_name (+ pretrained file)")
+        if sum(x is not None for x in (checkpoint, model_name, text)) != 1:
+            raise ValueError("give one of checkpoint (a contrastive run), model_name (+ pretrained file) or text "
+                             "(a text tower config + pretrained file)")
+        if tokenizer is not None and text is None:
+            raise ValueError("tokenizer (a Hugging Face tokenizer folder) is read with a text tower config (text)")
         if layer >= 0:
             raise ValueError(f"layer counts from the end (-1 the last block, -2 the penultimate), got {layer}")
         self.layer = layer
@@ -50,6 +65,8 @@ class FrozenTextEncoder(TextEncoder):
             from ldm.run_parts import load_part
 
             self.model = load_part(checkpoint, "model", OpenCLIP)
+        elif text is not None:
+            self.model = TextTower(text, quick_gelu=quick_gelu, pretrained=pretrained, tokenizer=tokenizer)
         else:
             self.model = OpenCLIP(model_name=model_name, pretrained=pretrained)
         self.model.eval().requires_grad_(False)
@@ -62,6 +79,11 @@ class FrozenTextEncoder(TextEncoder):
 
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)  # frozen: always in eval mode
+
+    @property
+    def has_image_tower(self) -> bool:
+        """Whether :attr:`model` is a whole CLIP (CLIP score, guidance, image embeddings) or a text tower alone."""
+        return getattr(self.model, "has_image_tower", True)
 
     @property
     def pad_id(self) -> int:

@@ -72,6 +72,11 @@ class Conditioner(nn.Module):
         embedding_dim: width of that embedding.
         inpainting: build the concat-channel inpainting input (the network's ``concat_channels`` must be the
             latent channels + 1).
+        null: the unconditional condition (of guidance and of training's condition dropout): ``zeros``
+            (:func:`~ldm.diffusion.null_condition`: zero features) or ``empty_prompt`` (the text encoder's condition
+            of the empty prompt "", as Stable Diffusion was trained and is sampled).
+        mask_padding: hide the text's padding tokens from cross-attention (False: attend to all of them, as Stable
+            Diffusion was trained: its padding tokens carry the text too, through the causal attention).
 
     :meth:`fit_to` (called by the system with its network) checks the widths on both sides and creates the
     embedding projection, whose output width is the network's context width.
@@ -79,8 +84,13 @@ class Conditioner(nn.Module):
 
     def __init__(self, text_encoder: TextEncoder | None = None, text_context: bool = True,
                  vector: VectorCond | None = None, embedding_tokens: int = 0, embedding_dim: int | None = None,
-                 inpainting: bool = False):
+                 inpainting: bool = False, null: Literal["zeros", "empty_prompt"] = "zeros",
+                 mask_padding: bool = True):
         super().__init__()
+        if null not in ("zeros", "empty_prompt"):
+            raise ValueError(f"null must be zeros or empty_prompt, got {null!r}")
+        if null == "empty_prompt" and text_encoder is None:
+            raise ValueError("null: empty_prompt encodes the empty prompt: it needs the conditioner's text_encoder")
         if vector not in (None, "text", *EMBEDDINGS):
             raise ValueError(f"vector must be text, clip_text, clip_image or null, got {vector!r}")
         if embedding_tokens and (vector not in EMBEDDINGS or embedding_dim is None):
@@ -89,6 +99,7 @@ class Conditioner(nn.Module):
         self.text_context, self.vector = text_context, vector
         self.embedding_tokens, self.embedding_dim = embedding_tokens, embedding_dim
         self.inpainting = inpainting
+        self.null, self.mask_padding = null, mask_padding
         self.context_dim: int | None = None  # the network's, set by fit_to
         self.embedding_proj: nn.Linear | None = None
 
@@ -168,7 +179,8 @@ class Conditioner(nn.Module):
         cond: dict[str, Tensor] = {}
         text = self.text_features(batch) if self.uses_text else None
         if self.cross_attends_to_text:
-            cond["context"], cond["context_mask"] = text["tokens"], text["mask"]
+            mask = text["mask"] if self.mask_padding else torch.ones_like(text["mask"], dtype=torch.bool)
+            cond["context"], cond["context_mask"] = text["tokens"], mask
         if self.vector == "text":
             if text["pooled"] is None:
                 raise ValueError("the conditioner's vector 'text' needs clip_text in precomputed batches")
@@ -205,7 +217,7 @@ class Conditioner(nn.Module):
             return None, None
         cond = self(self._prompt_batch(prompts, embeddings))
         if not negative:
-            return cond, null_condition(cond)
+            return cond, self.null_condition(cond)
         if len(negative) != len(prompts):
             raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
         return cond, self(self._prompt_batch(negative, negative_embeddings))
@@ -239,8 +251,21 @@ class Conditioner(nn.Module):
             mask = random_masks(len(known), *known.shape[-2:], generator=generator, device=known.device)
         return {**(cond or {}), "concat": inpaint_concat(known, mask)}
 
-    @staticmethod
-    def drop(cond: Mapping[str, Tensor], p: float,
+    def null_condition(self, cond: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The unconditional counterpart of ``cond`` (see ``null``)."""
+        null = null_condition(cond)
+        if self.null == "empty_prompt":
+            empty = self(self._prompt_batch([""], None))  # one row: the condition of ""
+            for key, value in empty.items():
+                null[key] = value.to(cond[key].device, cond[key].dtype).expand_as(cond[key]).clone()
+        return null
+
+    def drop(self, cond: Mapping[str, Tensor], p: float,
              generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """(``cond`` with each sample's condition nulled with probability ``p``, the drop mask (B,))."""
-        return drop_randomly(cond, p, generator)
+        if self.null == "zeros":
+            return drop_randomly(cond, p, generator)
+        _, drop = drop_randomly(cond, p, generator)
+        null = self.null_condition(cond)
+        keep = lambda v: drop.reshape(-1, *([1] * (v.ndim - 1))).to(v.device)  # noqa: E731
+        return {k: torch.where(keep(v), null[k], v) for k, v in cond.items()}, drop

@@ -75,6 +75,8 @@ class UNet(nn.Module):
         mid_attention: a spatial transformer in the middle block.
         dropout: dropout in ResBlocks and transformers.
         groups: GroupNorm groups (fewer are used where a width is not divisible).
+        norm_eps: eps of the ResBlocks' and the output GroupNorms (1e-5 in Stable Diffusion, diffusers'
+            ``norm_eps``; the spatial transformers' GroupNorm keeps 1e-6, as in both).
         gradient_checkpointing: recompute each block's activations in the backward pass (saves memory).
     """
 
@@ -83,7 +85,7 @@ class UNet(nn.Module):
                  attention_levels: Sequence[int] = (0, 1, 2), heads: int | None = 8, head_dim: int | None = None,
                  transformer_depth: int = 1, context_dim: int | None = 768, y_dim: int | None = None,
                  num_classes: int | None = None, concat_channels: int = 0, mid_attention: bool = True,
-                 dropout: float = 0.0, groups: int = 32, gradient_checkpointing: bool = False):
+                 dropout: float = 0.0, groups: int = 32, norm_eps: float = 1e-6, gradient_checkpointing: bool = False):
         super().__init__()
         if (heads is None) == (head_dim is None):
             raise ValueError("give exactly one of heads and head_dim")
@@ -96,6 +98,11 @@ class UNet(nn.Module):
         self.context_dim, self.y_dim, self.num_classes = context_dim, y_dim, num_classes
         self.concat_channels = concat_channels
         self.num_levels = len(channel_mult)
+        # the architecture, read back by weight converters (ldm.interop)
+        self.channels, self.channel_mult, self.num_res_blocks = channels, tuple(channel_mult), num_res_blocks
+        self.attention_levels = tuple(sorted(attention_levels))
+        self.heads, self.head_dim, self.transformer_depth = heads, head_dim, transformer_depth
+        self.mid_attention, self.groups, self.norm_eps, self.dropout = mid_attention, groups, norm_eps, dropout
         self.gradient_checkpointing = gradient_checkpointing
         emb_dim = 4 * channels
         self.time_embed = TimestepEmbedding(channels, emb_dim)
@@ -112,7 +119,7 @@ class UNet(nn.Module):
             return SpatialTransformer(ch, h, d, transformer_depth, context_dim, dropout, groups)
 
         def res(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, emb_dim, dropout, groups)
+            return ResBlock(cin, cout, emb_dim, dropout, groups, norm_eps)
 
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(in_channels + concat_channels, channels, 3, padding=1)])])
         skips, ch = [channels], channels
@@ -138,7 +145,7 @@ class UNet(nn.Module):
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(layers))
-        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, groups, norm_eps), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
         self._zero_init()
 
     def _zero_init(self) -> None:

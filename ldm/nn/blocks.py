@@ -11,23 +11,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with at most ``groups`` groups that divide ``channels`` (tiny debug widths too)."""
+def group_norm(channels: int, groups: int = 32, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with at most ``groups`` groups that divide ``channels`` (tiny debug widths too).
+
+    ``eps`` 1e-6 is the LDM autoencoder's and the spatial transformers' value; the SD U-Net's
+    ResBlocks use 1e-5 (diffusers' ``norm_eps``), which the U-Net passes through ``ResBlock(eps=)``.
+    """
     g = min(groups, channels)
     while channels % g:
         g -= 1
-    return nn.GroupNorm(g, channels, eps=1e-6)
+    return nn.GroupNorm(g, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int | None = None, emb_channels: int = 0,
-                 dropout: float = 0.0, groups: int = 32):
+                 dropout: float = 0.0, groups: int = 32, eps: float = 1e-6):
         super().__init__()
         out_channels = out_channels or in_channels
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = group_norm(in_channels, groups, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.emb = nn.Linear(emb_channels, out_channels) if emb_channels else None
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = group_norm(out_channels, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()

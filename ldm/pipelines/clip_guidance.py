@@ -52,8 +52,9 @@ class ClipGuided(TextToImage):
                  prior_options: dict | None = None):
         super().__init__(system, batch_size=batch_size, prior=prior, clip_text=clip_text, prior_options=prior_options)
         if clip is None:
-            if self.text_encoder is None:
-                raise ValueError("CLIP guidance needs a CLIP: pass clip (a contrastive run) or use a run with a text encoder")
+            if self.text_encoder is None or not self.text_encoder.has_image_tower:
+                raise ValueError("CLIP guidance needs a CLIP: pass clip (a contrastive run) or use a run whose text "
+                                 "encoder is a whole CLIP (this one has none, or a text tower alone)")
             clip = self.text_encoder.model
         if noised and not isinstance(system.first_stage, IdentityFirstStage):
             raise ValueError("a noised CLIP reads noisy pixels, but this run diffuses autoencoder latents: "

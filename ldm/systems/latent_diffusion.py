@@ -78,6 +78,9 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         val_timesteps: fixed DDPM timesteps of the validation loss (VP preconditioners).
         val_sigmas: fixed noise levels of the validation loss (any preconditioner; wins over timesteps).
         val_seed: seed of the fixed validation noise (drawn per sample key with it).
+        init_from: a run folder (or .ckpt) whose weights this model starts from: fine-tuning, e.g. of a Stable
+            Diffusion run imported with ``ldm convert``. Loaded at construction (so EMA starts from them); a resumed
+            run (``--ckpt_path``) then restores its own. The architectures must match (errors name the keys).
     """
 
     #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
@@ -89,7 +92,7 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
                  optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0),
                  lr_scheduler: LRSchedulerCallable = LinearWarmup,
                  val_timesteps: Sequence[int] = (100, 300, 500, 700, 900), val_sigmas: Sequence[float] | None = None,
-                 val_seed: int = 0):
+                 val_seed: int = 0, init_from: str | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "conditioner", "precond", "loss", "optimizer",
                                           "lr_scheduler"])  # callables: config.yaml holds them
@@ -111,6 +114,10 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         self.val_seed = val_seed
         self.val_levels = validation_levels(self.precond, val_timesteps, val_sigmas)  # (names, sigmas)
         self.val_means = RowMeans(fixed_noise_names(self.val_levels))
+        if init_from is not None:
+            from ldm.systems.loading import load_weights_into
+
+            load_weights_into(self, init_from)
 
     @property
     def tokenizer(self):

@@ -24,6 +24,7 @@ import os
 import pytorch_lightning as L
 import torch
 import yaml
+from torch import nn
 from jsonargparse import ArgumentParser
 
 from ldm.checkpoint_files import find_checkpoint, find_config, load_checkpoint_file, run_config  # noqa: F401
@@ -67,6 +68,25 @@ def checkpoint_weights(state: dict, weights: str = "ema", *, source: str | os.Pa
     return raw
 
 
+def build_system(model_cfg: dict) -> L.LightningModule:
+    """A system from the ``model`` section of a run config (``class_path`` + ``init_args``), freshly initialised:
+    checked and built by jsonargparse as ``ldm fit`` does (older configs upgraded first)."""
+    model_cfg = upgrade_optimizer_config(upgrade_model_config(model_cfg))
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(L.LightningModule, "model")
+    return parser.instantiate_classes(parser.parse_object({"model": model_cfg})).model
+
+
+def load_weights_into(system: nn.Module, path: str | os.PathLike, weights: str = "ema") -> None:
+    """Load the weights of a run (folder or .ckpt) into ``system`` (same architecture), e.g. to fine-tune it."""
+    ckpt = find_checkpoint(path)
+    state = checkpoint_weights(load_checkpoint_file(ckpt, map_location="cpu"), weights, source=ckpt)
+    try:
+        system.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"init_from {path}: its weights do not fit this model ({str(e)[:600]})") from None
+
+
 def load_system(path: str | os.PathLike, *, freeze: bool = True, map_location: str | torch.device = "cpu",
                 weights: str = "ema") -> L.LightningModule:
     """Rebuild the system of a run folder (or of a checkpoint inside one) with its trained weights.
@@ -78,13 +98,10 @@ def load_system(path: str | os.PathLike, *, freeze: bool = True, map_location: s
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     ckpt = find_checkpoint(path)
     config_path = find_config(ckpt)
-    model_cfg = upgrade_optimizer_config(upgrade_model_config(yaml.safe_load(config_path.read_text()).get("model")))
+    model_cfg = yaml.safe_load(config_path.read_text()).get("model")
     if not model_cfg:
         raise ValueError(f"{config_path} has no model section")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(L.LightningModule, "model")
-    parsed = parser.parse_object({"model": model_cfg})
-    system = parser.instantiate_classes(parsed).model
+    system = build_system(model_cfg)
     state = load_checkpoint_file(ckpt, map_location=map_location)
     system.load_state_dict(checkpoint_weights(state, weights, source=ckpt))
     if freeze:

@@ -95,3 +95,21 @@ def test_an_unconditional_model_has_no_condition():
     assert cond_net({}) == {} and cond_net.encode_prompts(PROMPTS) == (None, None)
     with pytest.raises(ValueError, match="negative prompt needs a text-conditioned model"):
         cond_net.encode_prompts(PROMPTS, ["x", "y"])
+
+
+def test_empty_prompt_null_and_unmasked_padding_as_stable_diffusion(encoder):
+    """null: empty_prompt makes guidance's other branch (and training's dropout) the features of "", and
+    mask_padding: false lets cross-attention see every token, as Stable Diffusion is trained and sampled."""
+    sd = Conditioner(encoder, null="empty_prompt", mask_padding=False).fit_to(_unet(), 4)
+    cond, uncond = sd.encode_prompts(PROMPTS)
+    empty = encoder(encoder.tokenizer([""]))["tokens"]  # (1, T, W)
+    assert torch.equal(uncond["context"], empty.expand(2, -1, -1))
+    assert cond["context_mask"].all() and uncond["context_mask"].all()
+    dropped, drop = sd.drop(cond, 1.0)
+    assert drop.all() and torch.equal(dropped["context"], uncond["context"])
+    kept, drop = sd.drop(cond, 0.0)
+    assert not drop.any() and torch.equal(kept["context"], cond["context"])
+    masked = Conditioner(encoder).fit_to(_unet(), 4).encode_prompts(PROMPTS)[0]
+    assert not masked["context_mask"].all()  # the default hides padding
+    with pytest.raises(ValueError, match="empty_prompt.*text_encoder"):
+        Conditioner(None, null="empty_prompt")
