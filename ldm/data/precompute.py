@@ -12,6 +12,11 @@ input had plus new ``.npy`` members:
 So the two compose: embeddings first (on image shards), then latents. Each output shard is
 written under a temporary name and renamed when complete: a rerun skips finished shards.
 A ``stats.json`` lists the shards and counts per split prefix.
+
+Over several processes (``ranks``: an :class:`ldm.pipelines.distributed.Ranks`, or anything with its
+``strided`` and ``gather``) each rank encodes every ``world_size``-th input shard and writes the
+output shards of the same names, so none is written twice and the output is that of one process;
+rank 0 gathers the counts and alone writes ``stats.json``.
 """
 
 from __future__ import annotations
@@ -42,9 +47,12 @@ def npy(array: np.ndarray) -> bytes:
 
 
 def _map_shards(urls: list[str], out: Path, encode: Encoder, *, batch_size: int, drop: tuple[str, ...],
-                desc: str, progress: bool, info: dict[str, Any]) -> dict:
-    """Run ``encode`` over batches of raw samples of every shard; write shard by shard, resumably."""
+                desc: str, progress: bool, info: dict[str, Any], ranks=None) -> dict | None:
+    """Run ``encode`` over batches of raw samples of every shard (this rank's share of them); write shard by
+    shard, resumably. The stats, on rank 0 (None on the others)."""
     out.mkdir(parents=True, exist_ok=True)
+    if ranks is not None:
+        urls = ranks.strided(urls)
     local = [u for u in urls if not is_remote(u)]
     total = sum(shard_sample_counts(local)) if len(local) == len(urls) else None
     bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
@@ -98,6 +106,12 @@ def _map_shards(urls: list[str], out: Path, encode: Encoder, *, batch_size: int,
                 tmp.unlink()
         counts[name] = n
     bar.close()
+    if ranks is not None:
+        parts = ranks.gather((counts, skipped))
+        if parts is None:
+            return None
+        counts = {name: c for part, _ in parts for name, c in part.items()}
+        skipped = sum(s for _, s in parts)
     splits = read_splits(out)
     for prefix in sorted({n.rpartition("-")[0] or n for n in counts}):  # train-000001.tar -> train
         shard_counts = {**splits.get(prefix, {}).get("shard_counts", {}),
@@ -120,8 +134,9 @@ def _images(batch: list[dict[str, Any]], transform: ImageTransform) -> torch.Ten
 
 def precompute_latents(autoencoder, shards: str, out: str | os.PathLike, *, size: int, batch_size: int = 32,
                        with_std: bool = False, keep_images: bool = False, device: str = "cpu",
-                       progress: bool = True) -> dict:
-    """Encode every image of ``shards`` with a trained autoencoder into ``out``; returns the stats."""
+                       progress: bool = True, ranks=None) -> dict | None:
+    """Encode every image of ``shards`` with a trained autoencoder into ``out``; returns the stats (None on
+    ranks other than 0 of ``ranks``)."""
     urls = expand_urls(shards)
     if not urls:
         raise ValueError(f"no shards match {shards!r}")
@@ -142,15 +157,20 @@ def precompute_latents(autoencoder, shards: str, out: str | os.PathLike, *, size
     info = {"kind": "latents", "source": shards, "image_size": size, "with_std": with_std,
             "scale_factor": float(autoencoder.scale_factor)}
     return _map_shards(urls, Path(out), encode, batch_size=batch_size, drop=() if keep_images else IMAGE_KEYS,
-                       desc="precompute latents", progress=progress, info=info)
+                       desc="precompute latents", progress=progress, info=info, ranks=ranks)
 
 
 def precompute_embeddings(text_encoder, shards: str, out: str | os.PathLike, *, batch_size: int = 64,
-                          with_tokens: bool = True, device: str = "cpu", progress: bool = True) -> dict:
-    """Add CLIP image / text embeddings (and per-token text features) to every sample of ``shards``."""
+                          with_tokens: bool = True, device: str = "cpu", progress: bool = True,
+                          ranks=None) -> dict | None:
+    """Add CLIP image / text embeddings (and per-token text features) to every sample of ``shards``; returns
+    the stats (None on ranks other than 0 of ``ranks``)."""
     urls = expand_urls(shards)
     if not urls:
         raise ValueError(f"no shards match {shards!r}")
+    if not getattr(text_encoder, "has_image_tower", True):
+        raise ValueError("CLIP embeddings need a whole CLIP; this text encoder is a text tower alone (an imported "
+                         "one): precompute with a contrastive run (--ckpt) or an open_clip model (--model-name)")
     text_encoder = text_encoder.to(device).eval()
     clip = text_encoder.model
     transform = ImageTransform(size=clip.image_size[0], crop="center")
@@ -174,4 +194,4 @@ def precompute_embeddings(text_encoder, shards: str, out: str | os.PathLike, *, 
 
     info = {"kind": "embeddings", "source": shards, "with_tokens": with_tokens}
     return _map_shards(urls, Path(out), encode, batch_size=batch_size, drop=(), desc="precompute embeddings",
-                       progress=progress, info=info)
+                       progress=progress, info=info, ranks=ranks)

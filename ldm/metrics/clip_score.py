@@ -36,7 +36,7 @@ class CLIPScore(Metric):
         """Images (B, 3, H, W) in [-1, 1] and their B captions, or per-image ``scores`` from :meth:`scores`."""
         if scores is None:
             scores = self.scores(images, captions)
-        self.total += scores.sum().double().to(self.total.device)
+        self.total += scores.double().sum().to(self.total.device)  # summed in float64
         self.count += len(scores)
 
     def compute(self) -> Tensor:

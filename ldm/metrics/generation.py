@@ -13,9 +13,9 @@
   ``isc_features_to_metric`` on float64 features, so values equal
   ``torch_fidelity.calculate_metrics`` on the same images (tested).
 * Distribution: features are torchmetrics list states (``dist_reduce_fx="cat"``) tagged with
-  each image's global index; ``compute`` gathers them from every rank and orders them by index,
-  so N images spread over any number of ranks give exactly the single-process numbers
-  (no per-rank FID).
+  each image's global index; ``compute`` gathers them from every rank (torchmetrics' sync, or
+  :meth:`GenerationMetrics.load_features` with the sync off) and orders them by index, so N
+  images spread over any number of ranks give exactly the single-process numbers (no per-rank FID).
 
 Reference (real) features can be set from a cache (:mod:`ldm.metrics.reference`) instead of
 being recomputed for every evaluation.
@@ -191,6 +191,26 @@ class GenerationMetrics(Metric):
             getattr(self, f"{side}_logits").append(logits)
         if self.clip is not None:
             getattr(self, f"{side}_clip").append(self.clip(images).to(self.device))
+
+    def local_features(self) -> dict[str, Tensor]:
+        """This process's feature states (CPU), to gather from every rank for :meth:`load_features`."""
+        out = {}
+        for side in ("fake", "real"):
+            for name in ("index", "pool", "logits", "clip"):
+                value = _cat(getattr(self, f"{side}_{name}"))
+                if value is not None and len(value):
+                    out[f"{side}_{name}"] = value.cpu()
+        return out
+
+    def load_features(self, parts: list[dict[str, Tensor]]) -> None:
+        """Replace the states with the :meth:`local_features` of every rank (any order: ``compute`` sorts by
+        index), for a ``compute`` on exactly the features one process would hold (built with
+        ``sync_on_compute=False``, so torchmetrics does not gather them a second time)."""
+        for side in ("fake", "real"):
+            for name in ("index", "pool", "logits", "clip"):
+                key = f"{side}_{name}"
+                found = [p[key] for p in parts if key in p]
+                setattr(self, key, [torch.cat(found).to(self.device)] if found else [])
 
     def set_reference(self, reference: dict[str, Tensor]) -> None:
         """Real features computed earlier (``pool`` (N, 2048) and optionally ``clip`` (N, D))."""

@@ -3,9 +3,10 @@ CLIP score, FD-CLIP and compositional accuracy, exactly over any number of ranks
 
 The caption set is the first ``n`` samples of a validation shard pattern (in shard order,
 with their metadata and real images, read through the data module's exact validation path).
-Rank ``r`` of ``w`` generates the contiguous block of captions ``[r n / w, (r + 1) n / w)``,
-image ``i`` from the noise of seed ``seed + i`` (see :class:`~ldm.pipelines.TextToImage`), so
-the images, and the metrics gathered from all ranks, are those of a single process.
+Rank ``r`` of ``w`` generates a contiguous block of whole batches of captions
+(:meth:`~ldm.pipelines.distributed.Ranks.block`), image ``i`` from the noise of seed ``seed + i``
+(see :class:`~ldm.pipelines.TextToImage`) in the batch one process puts it in, so the images, and
+the metrics computed on rank 0 from the features gathered from all ranks, are those of a single process.
 Real-image features come from the reference cache (:mod:`ldm.metrics.reference`) when present.
 """
 
@@ -30,6 +31,7 @@ from ldm.metrics.generation import (
     InceptionFeatures,
 )
 from ldm.metrics.reference import load_reference, reference_key, save_reference
+from ldm.pipelines.distributed import Ranks
 from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
 
 log = logging.getLogger(__name__)
@@ -96,20 +98,20 @@ def binding_eval_set(n: int, image_size: int, seed: int = 0) -> EvalSet:
     return EvalSet(captions, metas, torch.stack(images), [f"binding:seed={seed}"], image_size)
 
 
-def rank_block(n: int, rank: int, world: int) -> range:
-    return range(rank * n // world, (rank + 1) * n // world)
-
-
 @dataclass
 class EvalResult:
+    """What one evaluation gave. ``metrics`` are those of the whole set, on every rank. On one process, and on
+    rank 0 of several after ``keep_images``, ``images`` are the first images of the set (``indices``) and
+    ``clip_scores`` / ``verdicts`` those of every image in order; on other ranks, those of their own block."""
+
     metrics: dict[str, float]
-    indices: range  # the global indices this rank generated
+    indices: range  # the global indices of ``images``
     images: Tensor  # (len(indices), 3, H, W) in [-1, 1]
     clip_scores: list[float] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
 
     def labels(self, evalset: EvalSet, k: int) -> list[str]:
-        """Captions of this rank's first k images with their CLIP score and compositional verdict."""
+        """Captions of the first k images with their CLIP score and compositional verdict."""
         out = []
         for i in range(k):
             label = evalset.captions[self.indices[i]]
@@ -130,6 +132,11 @@ class GenerationEvaluator:
         compositional: check shapes scenes with :class:`~ldm.metrics.compositional.CompositionalAccuracy`.
         batch_size: images per generation / feature batch.
         cache: use the reference feature cache.
+
+    Over several ranks (``evaluate(rank=, world=)``, the default process group initialised) each rank generates
+    and featurises its block of whole batches; the features, per-image CLIP scores and verdicts are gathered to
+    rank 0 in index order and the metrics computed there on exactly the set one process holds, then sent to
+    every rank. The metrics' own torchmetrics sync is off, so nothing is gathered twice.
     """
 
     def __init__(self, inception_weights: str | None = None, clip=None, clip_id: str | None = None,
@@ -139,23 +146,25 @@ class GenerationEvaluator:
             log.warning("FID / KID / IS are off: no Inception weights given (a local file, or 'download' when online)")
         self.weights = inception_weights
         self.clip, self.clip_id = clip, clip_id
-        self.metrics = GenerationMetrics(self.inception, ClipImageFeatures(clip) if clip is not None else None).to(device)
-        self.clip_score = CLIPScore(clip).to(device) if clip is not None else None
-        self.compositional = CompositionalAccuracy().to(device) if compositional else None
+        self.metrics = GenerationMetrics(self.inception, ClipImageFeatures(clip) if clip is not None else None,
+                                         sync_on_compute=False).to(device)
+        self.clip_score = CLIPScore(clip, sync_on_compute=False).to(device) if clip is not None else None
+        self.compositional = CompositionalAccuracy(sync_on_compute=False).to(device) if compositional else None
         self.batch_size, self.cache, self.device = batch_size, cache, device
         self._reference_key: str | None = None
 
-    def _reference(self, evalset: EvalSet, rank: int, world: int, progress: bool) -> str | None:
+    def _reference(self, evalset: EvalSet, ranks: Ranks, progress: bool) -> str | None:
         """Install cached real features, or add this rank's real images (the key to save them under)."""
         key = reference_key(evalset.urls, evalset.image_size, len(evalset), self.weights, self.clip_id)
         if key == self._reference_key:
             return None  # installed by an earlier evaluation of this evaluator
-        cached = load_reference(key) if self.cache else None
-        if cached is not None:
-            self.metrics.set_reference(cached)
+        cached = load_reference(key) if self.cache and ranks.is_main else None
+        if ranks.broadcast(cached is not None):  # only rank 0 computes metrics: the others skip the real images too
+            if cached is not None:
+                self.metrics.set_reference(cached)
             self._reference_key = key
             return None
-        block = rank_block(len(evalset), rank, world)
+        block = ranks.block(len(evalset), self.batch_size)
         for lo in _progress(range(block.start, block.stop, self.batch_size), progress, "real features"):
             hi = min(lo + self.batch_size, block.stop)
             self.metrics.update(evalset.images[lo:hi].to(self.device), torch.arange(lo, hi), real=True)
@@ -163,13 +172,16 @@ class GenerationEvaluator:
 
     @torch.no_grad()
     def evaluate(self, pipe: TextToImage, evalset: EvalSet, settings: SamplerSettings, *, rank: int = 0,
-                 world: int = 1, progress: bool = True) -> EvalResult:
+                 world: int = 1, progress: bool = True, keep_images: int | None = None) -> EvalResult:
+        """Generate for every caption of ``evalset`` and score. ``keep_images``: gather the first that many
+        images of the set to rank 0 (collective); None keeps each rank's own block."""
+        ranks = Ranks(rank, world)
         self.metrics.reset()
         for m in (self.clip_score, self.compositional):
             if m is not None:
                 m.reset()
-        new_key = self._reference(evalset, rank, world, progress)
-        block = rank_block(len(evalset), rank, world)
+        new_key = self._reference(evalset, ranks, progress)
+        block = ranks.block(len(evalset), self.batch_size)
         images, scores, verdicts = [], [], []
         checkable = all("objects" in m for m in evalset.metas)
         for lo in _progress(range(block.start, block.stop, self.batch_size), progress,
@@ -179,27 +191,43 @@ class GenerationEvaluator:
             x = pipe(captions, settings, image_size=evalset.image_size, progress=False, index_offset=lo)
             self.metrics.update(x.to(self.device), torch.arange(lo, hi))
             if self.clip_score is not None:
-                per_image = self.clip_score.scores(x, captions)
-                self.clip_score.update(scores=per_image)
-                scores += per_image.tolist()
+                scores += self.clip_score.scores(x, captions).tolist()
             if self.compositional is not None and checkable:
-                checked = self.compositional.verdicts(x, evalset.metas[lo:hi])
-                self.compositional.update(verdicts=checked)
-                verdicts += checked
+                verdicts += self.compositional.verdicts(x, evalset.metas[lo:hi])
             images.append(x.cpu())
-        metrics = self.metrics.compute()
+        empty = torch.empty(0, 3, evalset.image_size, evalset.image_size)
+        images = torch.cat(images) if images else empty
+        indices = block
+        if keep_images is not None:
+            k = max(0, min(keep_images, len(evalset)) - block.start)
+            first = ranks.gather(images[:k])
+            images = torch.cat(first)[:keep_images] if first is not None else empty
+            indices = range(len(images)) if ranks.is_main else range(0)
+        parts = ranks.gather((self.metrics.local_features(), scores, verdicts))
+        metrics = None
+        if parts is not None:  # rank 0: the features, scores and verdicts of every rank, in index order
+            self.metrics.load_features([p[0] for p in parts])
+            scores, verdicts = [s for p in parts for s in p[1]], [v for p in parts for v in p[2]]
+            metrics = self._compute(scores, verdicts, checkable, new_key)
+            metrics["n"] = len(evalset)
         if new_key is not None:
-            if rank == 0 and self.cache and self.metrics.gathered_real:
+            self._reference_key = new_key
+        metrics = ranks.broadcast(metrics)
+        return EvalResult(metrics, indices, images, scores, verdicts)
+
+    def _compute(self, scores: list[float], verdicts: list[Verdict], checkable: bool, new_key: str | None) -> dict:
+        metrics = self.metrics.compute()
+        if new_key is not None and self.metrics.gathered_real:
+            if self.cache:
                 save_reference(new_key, self.metrics.gathered_real)
             self.metrics.set_reference(self.metrics.gathered_real)
-            self._reference_key = new_key
         if self.clip_score is not None:
+            self.clip_score.update(scores=torch.tensor(scores, dtype=torch.float64))
             metrics["clip_score"] = float(self.clip_score.compute())
         if self.compositional is not None and checkable:
+            self.compositional.update(verdicts=verdicts)
             metrics.update({f"compositional/{k}": float(v) for k, v in self.compositional.compute().items()})
-        metrics["n"] = len(evalset)
-        empty = torch.empty(0, 3, evalset.image_size, evalset.image_size)
-        return EvalResult(metrics, block, torch.cat(images) if images else empty, scores, verdicts)
+        return metrics
 
 
 def _progress(it, enabled: bool, desc: str):

@@ -12,6 +12,16 @@ and setting), ``report.md`` and ``report.html`` (tables, the sample grid, the sw
 ``--precision`` runs the generating networks under autocast (``bf16-mixed`` on a GPU); the Inception
 and CLIP scoring stay float32. ``--weights raw`` evaluates the weights the optimizer trained instead of
 the EMA average; both are recorded in the report.
+
+On several GPUs, launch the same command once per GPU; the numbers are those of one process:
+
+    torchrun --nproc-per-node 8 --no-python -- ldm eval --ckpt RUN --n 50000 ...   # one node (`--`: --n is ldm's)
+    srun --ntasks-per-node 8 --gpus-per-task 1 ldm eval --ckpt RUN --n 50000 ...   # SLURM, any number of nodes
+
+Each rank (on ``cuda:LOCAL_RANK``) generates and featurises a contiguous block of whole batches, image ``i``
+from seed ``seed + i`` as in one process; the Inception / CLIP features, per-image CLIP scores and compositional
+verdicts are gathered to rank 0 in order, which computes the metrics and alone writes the report
+(:mod:`ldm.pipelines.distributed`).
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ OFFICIAL_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm eval", description="Evaluate a latent-diffusion run on validation captions.")
+    p = argparse.ArgumentParser(prog="ldm eval", description="Evaluate a latent-diffusion run on validation captions. "
+                                "On several GPUs: torchrun --nproc-per-node N --no-python -- ldm eval ..., or "
+                                "srun ldm eval ... under SLURM; the numbers equal one process's.")
     p.add_argument("--ckpt", required=True, help="latent-diffusion run folder or a .ckpt in one")
     p.add_argument("--data", help="validation shard pattern (default: the run's data.val)")
     p.add_argument("--prior", help="diffusion-prior run, for an unCLIP decoder: prompts -> prior -> decoder "
@@ -57,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the real-image reference features")
     p.add_argument("--out", help="output folder (default: <run folder>/eval)")
     p.add_argument("--grid", type=int, default=16, help="images in samples.png")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; each rank of a "
+                   "torchrun / srun launch on cuda:LOCAL_RANK)")
     p.add_argument("--precision", default="32-true", type=_precision, help=PRECISION_HELP + " (the Inception and "
                    "CLIP scoring always run in float32)")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"],
@@ -85,6 +98,8 @@ def _scorer(args, system):
     encoder = system.conditioner.text_encoder
     if encoder is None:
         return None, None, "off (the model has no text encoder; pass --clip)"
+    if not encoder.has_image_tower:
+        return None, None, "off (the model's text encoder is a text tower alone, e.g. an imported one; pass --clip)"
     return encoder.model, None, ("the model's own text encoder CLIP: it conditions the model, so the score favours "
                                  "it; not comparable with published CLIP scores")
 
@@ -110,10 +125,20 @@ def _through_prior(pipe, prior_run: str, device: str):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        import torch
+    from ldm.pipelines.distributed import init, shutdown
 
+    ranks = init()
+    logging.basicConfig(level=logging.WARNING if ranks.is_main else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _main(args, ranks)
+    finally:
+        shutdown(ranks)
+
+
+def _main(args, ranks) -> int:
+    quiet = args.quiet or not ranks.is_main
+    try:
         from ldm.pipelines import SamplerSettings, TextToImage
         from ldm.pipelines.evaluate import (
             GenerationEvaluator,
@@ -124,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ldm.systems.loading import find_checkpoint, load_latent_diffusion, run_config, run_image_size
 
         cfgs = [float(c) for c in args.cfg_sweep.split(",")] if args.cfg_sweep else [args.cfg]
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = ranks.device(args.device)
         pipe = TextToImage(load_latent_diffusion(args.ckpt, weights=args.weights).to(device),
                            batch_size=args.batch_size)
         if args.prior:
@@ -147,22 +172,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for cfg in cfgs:
             settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=cfg, seed=args.seed)
-            result = evaluator.evaluate(PrecisionPipe(pipe, args.precision), evalset, settings,
-                                        progress=not args.quiet)
+            result = evaluator.evaluate(PrecisionPipe(pipe, args.precision), evalset, settings, rank=ranks.rank,
+                                        world=ranks.world_size, progress=not quiet, keep_images=args.grid)
             results.append((settings, result))
-            if not args.quiet:
+            if not quiet:
                 print(f"cfg {cfg:g}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), flush=True)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm eval: error: {e}", file=sys.stderr)
         return 2
+    if not ranks.is_main:
+        return 0
     out = Path(args.out) if args.out else find_checkpoint(args.ckpt).parent.parent / "eval"
     write_report(out, args, str(find_checkpoint(args.ckpt)), str(data), evalset, results, scorer_note,
-                 _weights_note(args.inception))
+                 _weights_note(args.inception), processes=ranks.world_size)
     print(f"wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'}")
     return 0
 
 
-def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, scorer_note: str, weights_note: str):
+def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, scorer_note: str, weights_note: str,
+                 processes: int = 1):
     from ldm.data.preview import caption_grid
     from ldm.data.transforms import to_pil
 
@@ -175,6 +203,7 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
               "data": data, "n": len(evalset),
               "image_size": evalset.image_size,
               "inception_weights": weights_note, "clip_scorer": scorer_note, "grid_cfg": main_settings.cfg,
+              "processes": processes,
               "results": [{"settings": s.to_dict(), "metrics": r.metrics} for s, r in results]}
     (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
     sweep = len(results) > 1

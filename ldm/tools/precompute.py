@@ -3,6 +3,14 @@
     ldm precompute latents --ckpt RUN_OR_CKPT --shards PATTERN --out DIR [--size PX] [--std]
     ldm precompute embeddings --ckpt RUN_OR_CKPT --shards PATTERN --out DIR [--no-tokens]
     ldm precompute embeddings --model-name ViT-H-14 --pretrained FILE --shards PATTERN --out DIR
+
+On several GPUs, launch the same command once per GPU (each rank on ``cuda:LOCAL_RANK``):
+
+    torchrun --nproc-per-node 8 --no-python -- ldm precompute latents --ckpt RUN --shards 'train-*.tar' --out DIR
+    srun --ntasks-per-node 8 --gpus-per-task 1 ldm precompute latents --ckpt RUN --shards ... --out DIR
+
+Each rank encodes every ``world_size``-th input shard into the output shard of the same name (so none is written
+twice, and the output is that of one process); rank 0 gathers the counts and writes ``stats.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from collections.abc import Sequence
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm precompute", description="Encode shards with a trained stage, for the "
-                                "next stage to train on precomputed inputs.")
+                                "next stage to train on precomputed inputs. On several GPUs: torchrun "
+                                "--nproc-per-node N --no-python -- ldm precompute ..., or srun ldm precompute ... "
+                                "under SLURM; each rank encodes its share of the input shards.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{latents,embeddings}")
     lat = sub.add_parser("latents", help="autoencoder latents (latent.npy) for the diffusion stages",
                          description="Encode every image of the shards with a trained autoencoder into new shards "
@@ -28,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     lat.add_argument("--batch-size", type=int, default=32)
     lat.add_argument("--std", action="store_true", help="also write the KL posterior std (latent_std.npy)")
     lat.add_argument("--keep-images", action="store_true", help="copy the images into the output shards too")
-    lat.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    lat.add_argument("--device", help="cpu or cuda (default: cuda when available; each rank of a torchrun / srun "
+                     "launch on cuda:LOCAL_RANK)")
     lat.add_argument("--quiet", action="store_true", help="no progress bar")
 
     emb = sub.add_parser("embeddings", help="CLIP embeddings (clip_text/clip_image/clip_tokens.npy)",
@@ -42,23 +53,31 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--out", required=True, help="output folder")
     emb.add_argument("--batch-size", type=int, default=64)
     emb.add_argument("--no-tokens", action="store_true", help="skip the per-token text features")
-    emb.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    emb.add_argument("--device", help="cpu or cuda (default: cuda when available; each rank of a torchrun / srun "
+                     "launch on cuda:LOCAL_RANK)")
     emb.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ldm.pipelines.distributed import init, shutdown
+
+    ranks = init()
+    logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    args.device = ranks.device(args.device)
+    args.quiet = args.quiet or not ranks.is_main
+    try:
+        return _main(args, ranks)
+    finally:
+        shutdown(ranks)
+
+
+def _main(args, ranks) -> int:
     try:
         if args.command == "embeddings":
-            return _embeddings(args)
+            return _embeddings(args, ranks)
         from ldm.data.precompute import precompute_latents
         from ldm.systems.loading import load_autoencoder, run_image_size
 
@@ -67,7 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("cannot tell the image size from the run's config: pass --size")
         stats = precompute_latents(load_autoencoder(args.ckpt), args.shards, args.out, size=size,
                                    batch_size=args.batch_size, with_std=args.std, keep_images=args.keep_images,
-                                   device=args.device, progress=not args.quiet)
+                                   device=args.device, progress=not args.quiet, ranks=ranks)
+        if stats is None:  # not rank 0
+            return 0
         for split, s in stats["splits"].items():
             print(f"{split}: {s['samples']} latents in {len(s['shards'])} shards: {s['pattern']}")
         print(f"scale factor {stats['scale_factor']:.4f}; {stats['skipped']} unreadable images skipped")
@@ -77,13 +98,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _embeddings(args) -> int:
+def _embeddings(args, ranks) -> int:
     from ldm.contrastive import FrozenTextEncoder
     from ldm.data.precompute import precompute_embeddings
 
     encoder = FrozenTextEncoder(checkpoint=args.ckpt, model_name=args.model_name, pretrained=args.pretrained)
     stats = precompute_embeddings(encoder, args.shards, args.out, batch_size=args.batch_size,
-                                  with_tokens=not args.no_tokens, device=args.device, progress=not args.quiet)
+                                  with_tokens=not args.no_tokens, device=args.device, progress=not args.quiet,
+                                  ranks=ranks)
+    if stats is None:  # not rank 0
+        return 0
     for split, s in stats["splits"].items():
         print(f"{split}: {s['samples']} samples with embeddings in {len(s['shards'])} shards: {s['pattern']}")
     return 0

@@ -19,6 +19,16 @@ their file, seeds, sampler settings, precision, EMA or raw weights, files). Imag
 seed ``seed + i``, so the same command gives the same images. A decoder conditioned on CLIP image embeddings
 (``configs/unclip/``) reads prompts through ``--prior`` (or, without one, through the CLIP text
 embedding itself); a cross-attention run reads them directly.
+
+``--mode text`` runs on every GPU of a node or job: launch the same command once per GPU,
+
+    torchrun --nproc-per-node 8 --no-python -- ldm sample --ckpt RUN --prompts captions.txt --n 4 --out out/grid.png
+    srun --ntasks-per-node 8 --gpus-per-task 1 ldm sample --ckpt RUN --prompts captions.txt --out out/grid.png
+
+and each rank (on ``cuda:LOCAL_RANK``) draws a contiguous block of whole batches of the images, image ``i`` from
+seed ``seed + i`` in the batch one process puts it in, and writes those image files itself: the files are byte for
+byte those of one process, each written once. Rank 0 gathers the images for the grid and alone writes the grid and
+the record (:mod:`ldm.pipelines.distributed`). The other modes are small: rank 0 runs them, the other ranks exit.
 """
 
 from __future__ import annotations
@@ -42,7 +52,9 @@ IMAGES_NEEDED = {"variations": 1, "interpolate": 2, "text-diff": 1, "img2img": 1
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm sample", description="Sample or edit images with a trained latent-diffusion "
-                                "or unCLIP-decoder run (its EMA weights where it kept an EMA, unless --weights raw).")
+                                "or unCLIP-decoder run (its EMA weights where it kept an EMA, unless --weights raw). "
+                                "--mode text on several GPUs: torchrun --nproc-per-node N --no-python -- ldm "
+                                "sample ..., or srun ldm sample ... under SLURM; the same files as one process.")
     p.add_argument("--ckpt", required=True, help="latent-diffusion / decoder run folder (runs/<name>/<version>) or a "
                    ".ckpt in one")
     p.add_argument("--mode", default="text", choices=MODES)
@@ -71,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="--mode text: image width in pixels (default: --size)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="samples/grid.png", help="grid PNG; images and the JSON record go beside it")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; each rank "
+                   "of a torchrun / srun launch on cuda:LOCAL_RANK)")
     p.add_argument("--precision", default="32-true", type=_precision, help=PRECISION_HELP)
     p.add_argument("--weights", default="ema", choices=["ema", "raw"],
                    help="--ckpt's weights: ema (the EMA average where the run kept one, else its only weights) or "
@@ -257,8 +270,12 @@ class Job:
         return TextToImage(self.system, batch_size=self.args.batch_size, **unclip)
 
 
-def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | None = None) -> tuple:
-    """(images (B, 3, H, W), captions, columns of the grid, extra record entries) of the chosen mode."""
+def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | None = None,
+             block: range | None = None) -> tuple:
+    """(images (B, 3, H, W), captions, columns of the grid, extra record entries) of the chosen mode.
+
+    ``block``: --mode text draws only the images of these global indices (a rank's share; default all); the
+    captions are those of all images."""
     import torch
 
     from ldm.pipelines import img2img, inpaint, invert, reconstruct
@@ -269,7 +286,12 @@ def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | N
         raise ValueError(f"--mode {args.mode} needs {IMAGES_NEEDED[args.mode]} --image file(s), got {len(images)}")
     if args.mode == "text":
         expanded = [p for p in prompts for _ in range(args.n)]
-        out = job.pipe()(expanded, settings, image_size=shape or size, progress=progress)
+        block = range(len(expanded)) if block is None else block
+        if len(block):
+            out = job.pipe()(expanded[block.start:block.stop], settings, image_size=shape or size, progress=progress,
+                             index_offset=block.start)
+        else:  # more ranks than batches
+            out = torch.empty(0, 3, *(shape or (size, size)))
         return out, expanded, (args.n if len(prompts) > 1 and args.n > 1 else None), {}
     if args.mode == "variations":
         out = job.unclip.variations(images[:1], args.n, settings, image_size=size, progress=progress)
@@ -320,7 +342,26 @@ def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ldm.pipelines.distributed import Ranks, init, launch_environment, shutdown
+
+    if args.mode != "text":  # the other modes are small: rank 0 runs them alone, the other ranks exit
+        launch = launch_environment()
+        if launch is not None and launch.rank != 0:
+            return 0
+        ranks = Ranks()
+    else:
+        ranks = init()
+    logging.basicConfig(level=logging.WARNING if ranks.is_main else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    args.quiet = args.quiet or not ranks.is_main
+    try:
+        return _main(args, ranks)
+    finally:
+        shutdown(ranks)
+
+
+def _main(args, ranks) -> int:
+    """``ranks``: the processes sharing the images of --mode text."""
     try:
         prompts = read_prompts(args, required=args.mode in ("text", "text-diff"))
         if args.n < 1:
@@ -340,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
                                    eta=args.eta, rescale=args.rescale, spacing=args.spacing,
                                    threshold=args.threshold, negative_prompt=args.negative_prompt)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = ranks.device(args.device)
         job = Job(args, settings, device)
         size = args.size or run_image_size(args.ckpt)
         if not size:
@@ -349,8 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shape != (size, size) and args.mode != "text":
             raise ValueError(f"--height / --width are for --mode text; --mode {args.mode} works on square "
                              "images: use --size")
+        block = None
+        if args.mode == "text":
+            block = ranks.block(len(prompts) * args.n, args.batch_size)
         with sampling_precision(args.precision, job.system):
-            images, captions, columns, extra = run_mode(job, prompts, size, shape)
+            images, captions, columns, extra = run_mode(job, prompts, size, shape, block)
         images = float32_images(images)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"ldm sample: error: {e}", file=sys.stderr)
@@ -358,11 +402,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     folder = out.with_suffix("")
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for image, caption, name in zip(to_pil(images), captions, image_file_names(captions)):
-        path = folder / name
-        image.save(path)
-        files.append({"file": str(path), "caption": caption})
+    names = image_file_names(captions)
+    mine = block if block is not None else range(len(captions))
+    for image, i in zip(to_pil(images), mine, strict=True):  # each rank writes the files of its own images
+        image.save(folder / names[i])
+    files = [{"file": str(folder / name), "caption": caption} for caption, name in zip(captions, names)]
+    if ranks.world_size > 1:  # rank 0 gathers every rank's images (as the uint8 the files hold) for the grid
+        from ldm.data.transforms import to_uint8
+
+        parts = ranks.gather(to_uint8(images.cpu()))
+        if not ranks.is_main:
+            return 0
+        images = torch.cat(parts).float() / 127.5 - 1
     caption_grid(list(zip(to_pil(images), captions)), cell=max(96, min(max(shape), 256)), columns=columns).save(out)
     if args.attention_maps:
         from ldm.pipelines.attention_maps import attention_maps, save_attention_figure
