@@ -12,60 +12,16 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from ldm.cli import main  # noqa: E402
-from ldm.interop.tokenizer import write_clip_tokenizer  # noqa: E402
-from ldm.pipelines.text_to_image import SamplerSettings, TextToImage, initial_noise  # noqa: E402
-
-PROMPTS = ["a red circle on top of a blue square", "an astronaut riding a horse"]
-SIZE, STEPS, CFG = 16, 8, 5.0
-
-
-def _randomise(module: torch.nn.Module, seed: int) -> None:
-    """Every weight random (zero-initialised layers would hide a wrong mapping); norm scales about 1."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        p.data = 1 + 0.1 * noise if p.ndim == 1 and name.endswith("weight") else 0.05 * noise
-
-
-def _ddim():
-    return diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                   clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+from ldm.pipelines.text_to_image import SamplerSettings, TextToImage  # noqa: E402
+from tests.interop.tiny_sd import CFG, PROMPTS, SIZE, STEPS, reference_images, tiny_sd_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
-        sample_size=SIZE)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    for i, m in enumerate((unet, vae, text)):
-        _randomise(m, i)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(root / "tok"))
-    scheduler = _ddim()
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                             scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = tiny_sd_pipeline(root)
     pipe.save_pretrained(root / "pipe")
     return root / "pipe", pipe
-
-
-def _reference(pipe, scheduler=None) -> torch.Tensor:
-    """diffusers' images (N, 3, H, W) in [0, 1], from the noise ldm draws for seed 0 (default: the saved DDIM)."""
-    pipe.scheduler = scheduler or _ddim()
-    latents = initial_noise(len(PROMPTS), (4, SIZE // 2, SIZE // 2), seed=0)
-    with torch.no_grad():
-        out = pipe(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=CFG, latents=latents,
-                   output_type="pt")
-    return out.images
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +34,7 @@ def imported(pipeline_folder, tmp_path_factory):
 
 def test_the_imported_run_samples_diffusers_images(pipeline_folder, imported):
     _, pipe = pipeline_folder
-    expected = _reference(pipe)
+    expected = reference_images(pipe)
     t2i = TextToImage.from_checkpoint(str(imported))
     got = t2i(PROMPTS, SamplerSettings(sampler="ddim", steps=STEPS, cfg=CFG, seed=0, spacing="trailing"),
               image_size=SIZE, progress=False)
@@ -93,7 +49,7 @@ def test_dpm_solver_matches_too(pipeline_folder, imported):
     _, pipe = pipeline_folder
     ref = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
                                                              solver_order=2, timestep_spacing="trailing")
-    expected = _reference(pipe, ref)
+    expected = reference_images(pipe, ref)
     t2i = TextToImage.from_checkpoint(str(imported))
     got = t2i(PROMPTS, SamplerSettings(sampler="dpmpp_2m", steps=STEPS, cfg=CFG, seed=0, spacing="trailing"),
               image_size=SIZE, progress=False)
@@ -104,7 +60,7 @@ def test_dpm_solver_matches_too(pipeline_folder, imported):
 
 def test_ldm_sample_on_the_imported_run_writes_the_same_pixels(pipeline_folder, imported, tmp_path):
     _, pipe = pipeline_folder
-    expected = (_reference(pipe).permute(0, 2, 3, 1).numpy() * 255).round()
+    expected = (reference_images(pipe).permute(0, 2, 3, 1).numpy() * 255).round()
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "samples" / "grid.png"

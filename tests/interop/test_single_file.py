@@ -26,33 +26,16 @@ from ldm.interop import (  # noqa: E402
     unet_state_to_compvis,
 )
 from ldm.interop.single_file import read_checkpoint  # noqa: E402
-from ldm.interop.tokenizer import write_clip_tokenizer  # noqa: E402
 from ldm.pipelines.text_to_image import SamplerSettings, TextToImage  # noqa: E402
-from tests.interop.test_sd_pipeline import CFG, PROMPTS, SIZE, STEPS, _ddim, _randomise, _reference  # noqa: E402
+from tests.interop.tiny_sd import CFG, PROMPTS, SIZE, STEPS, randomise, reference_images, tiny_sd_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     """(diffusers pipeline, CompVis state dict) of one tiny random SD-1-shaped model."""
     root = tmp_path_factory.mktemp("sd1")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
-        sample_size=SIZE)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    for i, m in enumerate((unet, vae, text)):
-        _randomise(m, i)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(root / "tok"))
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                             scheduler=_ddim(), safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = tiny_sd_pipeline(root)
+    unet, vae, text = pipe.unet, pipe.vae, pipe.text_encoder
     ours_unet = unet_from_diffusers(dict(unet.config), unet.state_dict())
     ours_vae = autoencoder_from_diffusers(dict(vae.config), vae.state_dict())
     state = {**unet_state_to_compvis(ours_unet, prefix="model.diffusion_model."),
@@ -76,7 +59,7 @@ def sd1_run(sd1, tmp_path_factory):
 
 def test_an_sd1_single_file_samples_the_diffusers_pipelines_images(sd1, sd1_run):
     pipe, _ = sd1
-    expected = _reference(pipe)
+    expected = reference_images(pipe)
     t2i = TextToImage.from_checkpoint(str(sd1_run))
     got = t2i(PROMPTS, SamplerSettings(sampler="ddim", steps=STEPS, cfg=CFG, seed=0, spacing="trailing"),
               image_size=SIZE, progress=False)
@@ -153,7 +136,7 @@ def test_an_inpainting_file_gets_the_concat_route_in_our_channel_order(sd1, tmp_
     _, sd1_state = sd1
     source = UNet(in_channels=4, out_channels=4, channels=32, channel_mult=(1, 2), num_res_blocks=1,
                   attention_levels=(0,), heads=8, context_dim=32, concat_channels=5, norm_eps=1e-5)
-    _randomise(source, 5)  # as SD's: its first conv reads the concat channels in SD's order
+    randomise(source, 5)  # as SD's: its first conv reads the concat channels in SD's order
     state = {k: v for k, v in sd1_state.items() if not k.startswith("model.diffusion_model.")}
     state.update(unet_state_to_compvis(source, prefix="model.diffusion_model."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "inpaint.safetensors"))
@@ -174,7 +157,7 @@ def test_an_inpainting_file_gets_the_concat_route_in_our_channel_order(sd1, tmp_
 def _sd2_tower(width=64, layers=3):
     tower = _build_text_tower(width, CLIPTextCfg(width=width, heads=4, layers=layers, context_length=77,
                                                  vocab_size=49408), quick_gelu=False)
-    _randomise(tower, 7)
+    randomise(tower, 7)
     return tower.eval()
 
 
@@ -185,7 +168,7 @@ def sd2_file(sd1, tmp_path_factory):
     tower = _sd2_tower()
     unet = UNet(in_channels=4, out_channels=4, channels=64, channel_mult=(1, 2), num_res_blocks=1,
                 attention_levels=(0, 1), heads=None, head_dim=64, transformer_depth=1, context_dim=64, norm_eps=1e-5)
-    _randomise(unet, 3)
+    randomise(unet, 3)
     state = {k: v for k, v in sd1_state.items() if k.startswith("first_stage_model.")}
     state.update(unet_state_to_compvis(unet, use_linear_projection=True, prefix="model.diffusion_model."))
     state.update({"cond_stage_model.model." + k: v for k, v in tower.state_dict().items()})
