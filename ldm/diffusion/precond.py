@@ -177,10 +177,12 @@ def sampling_sigmas(precond: Preconditioner, steps: int, spacing: SamplingSpacin
 
     A discrete VP model samples its own timesteps (``spacing`` leading / trailing / linspace); ``karras``,
     and every continuous model (EDM), use Karras et al.'s levels between the preconditioner's
-    ``sigma_min`` and ``sigma_max``.
+    ``sigma_min`` and ``sigma_max``. A flow-matching model samples its flow times (``spacing`` does not apply).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if getattr(precond, "sampling_space", None) == "flow":  # flow times t (ldm.diffusion.flow), shifted
+        return precond.sampling_levels(steps).float()
     if spacing != "karras" and isinstance(precond, VPPrecond):
         return precond.schedule.sigmas_for(steps, spacing).float()
     return karras_sigmas(steps, precond.sigma_min, precond.sigma_max).float()  # already ends in 0

@@ -1,8 +1,10 @@
 """Noise-level sampling for training: which sigmas the loss is evaluated at.
 
-* :class:`UniformTimesteps`: t ~ U{0, ..., T-1} of a discrete VP schedule (Ho et al. 2020, Algorithm 1).
+* :class:`UniformTimesteps`: t ~ U{0, ..., T-1} of a discrete VP schedule (Ho et al. 2020, Algorithm 1); for a
+  flow-matching model (:class:`~ldm.diffusion.flow.FlowPrecond`) the flow time t ~ U(0, 1).
 * :class:`LogitNormalSigmas`: u ~ logit-normal(m, s) on (0, 1) (Esser et al. 2024, sec. 3.1), mapped to
-  a fractional timestep u * (T-1) of a discrete schedule, or to log-sigma between sigma_min and sigma_max.
+  a fractional timestep u * (T-1) of a discrete schedule, to the flow time t = u of a flow-matching model (SD3;
+  shifted with its ``shift_training``), or to log-sigma between sigma_min and sigma_max.
 * :class:`LogNormalSigmas`: ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, sec. 5).
 """
 
@@ -31,6 +33,10 @@ class UniformTimesteps(SigmaSampler):
     """Integer timesteps drawn uniformly: the DDPM training algorithm."""
 
     def __call__(self, n, precond, generator=None, device=None, dtype=torch.float32):
+        if hasattr(precond, "training_sigma"):  # flow matching: t ~ U(0, 1)
+            gen_device = generator.device if generator is not None else "cpu"
+            u = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float64)
+            return precond.training_sigma(u).to(device=device, dtype=dtype)
         schedule = _schedule(precond, "UniformTimesteps")
         t = torch.randint(0, schedule.num_timesteps, (n,), generator=generator, device=generator.device if generator else "cpu")
         return schedule.sigmas.to(t.device)[t].to(device=device, dtype=dtype)
@@ -44,7 +50,9 @@ class LogitNormalSigmas(SigmaSampler):
         gen_device = generator.device if generator is not None else "cpu"
         u = torch.sigmoid(self.mean + self.std * torch.randn(n, generator=generator, device=gen_device,
                                                              dtype=torch.float64))
-        if isinstance(precond, VPPrecond):
+        if hasattr(precond, "training_sigma"):  # flow matching: t = u (SD3's logit-normal time sampling)
+            sigma = precond.training_sigma(u)
+        elif isinstance(precond, VPPrecond):
             sigma = precond.schedule.t_to_sigma(u * (precond.schedule.num_timesteps - 1))
         else:
             lo, hi = torch.tensor(precond.sigma_min).log(), torch.tensor(precond.sigma_max).log()

@@ -70,6 +70,21 @@ def sampler_options(settings: SamplerSettings) -> dict:
     return {"eta": settings.eta} if "eta" in inspect.signature(SAMPLERS[settings.sampler]).parameters else {}
 
 
+def check_flow_settings(precond, settings: SamplerSettings) -> None:
+    """A flow-matching model samples in its flow space, where only Euler / Heun steps are right
+    (:mod:`ldm.diffusion.flow`); say so instead of sampling something wrong."""
+    if getattr(precond, "sampling_space", None) != "flow":
+        return
+    from ldm.diffusion.flow import FLOW_SAMPLERS
+
+    if settings.sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"a flow-matching model samples with {' or '.join(FLOW_SAMPLERS)} (its steps are the flow "
+                         f"Euler / Heun steps), not {settings.sampler!r}")
+    if settings.eta or settings.rescale:
+        raise ValueError("a flow-matching model samples deterministically without guidance rescale: eta and rescale "
+                         "must be 0")
+
+
 def initial_noise(n: int, shape: Sequence[int], seed: int, offset: int = 0) -> Tensor:
     """(n, *shape) standard normal noise; row i from a CPU generator seeded ``seed + offset + i``."""
     rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed + offset + i)) for i in range(n)]
@@ -206,6 +221,7 @@ class TextToImage:
         if embeddings is not None and len(embeddings) not in (1, len(prompts)):
             raise ValueError(f"embeddings has {len(embeddings)} rows for {len(prompts)} prompts")
         system = self.system
+        check_flow_settings(system.precond, settings)
         shape = self.latent_shape(image_size)
         sampler = SAMPLERS[settings.sampler]
         extra = sampler_options(settings)

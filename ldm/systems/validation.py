@@ -163,9 +163,13 @@ def row_randn(keys: Sequence[str], seed: int, stream: str, like: Tensor) -> Tens
 # -- the fixed-noise denoising loss of the diffusion systems ------------------------------------
 def validation_levels(precond: Preconditioner, timesteps: Sequence[int] | None,
                       sigmas: Sequence[float] | None = None) -> tuple[list[str], list[float]]:
-    """(names, sigmas): ``sigmas`` as given (``sigma<s>``), else the DDPM ``timesteps`` of a VP preconditioner (``t<T>``)."""
+    """(names, sigmas): ``sigmas`` as given (``sigma<s>``), else the DDPM ``timesteps`` of a VP preconditioner
+    (``t<T>``), or the flow times T / 1000 of a flow-matching one."""
     if sigmas is not None:
         return [f"sigma{s:g}" for s in sigmas], [float(s) for s in sigmas]
+    if hasattr(precond, "training_sigma"):  # flow matching: timestep T is the flow time T / num_timesteps
+        t = torch.tensor(list(timesteps), dtype=torch.float64) / precond.num_timesteps
+        return [f"t{int(x)}" for x in timesteps], precond.time_to_sigma(t).float().tolist()
     if not isinstance(precond, VPPrecond):
         raise ValueError(f"validation timesteps need a discrete VP preconditioner; give noise levels (val_sigmas) for "
                          f"{type(precond).__name__}")
