@@ -4,7 +4,9 @@
 
 Prints (and writes to ``DIR/compare.md``) a table with, per run, the final and the best value
 of each metric and the config keys whose values differ between the runs, and writes
-``DIR/compare.png`` with the metrics over steps, one panel per metric, one line per run.
+``DIR/compare.png`` with the metrics over steps, one panel per metric, one line per run, and
+``DIR/dashboard.html``: one self-contained page (curves of any metric, the final table, the differing
+config keys, the runs' newest sample grids side by side; :mod:`ldm.tools.dashboard`) for people without W&B.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ldm.tools.dashboard import write_dashboard
 
 #: metrics where lower is better; every other metric is taken as higher-is-better
 LOWER_IS_BETTER = ("loss", "fid", "kid", "fd_clip", "rec", "lpips", "kl", "rfid", "skipped")
@@ -96,18 +100,21 @@ def compare(runs: list[Path], metrics: list[str] | None, out: Path) -> str:
         cells = [name]
         for m in metrics:
             values = [v for _, v in s.get(m, [])]
+            finite = [v for v in values if math.isfinite(v)]  # a NaN must not decide min / max
             if not values:
                 cells.append("")
                 continue
-            best = min(values) if lower_is_better(m) else max(values)
+            best = (min(finite) if lower_is_better(m) else max(finite)) if finite else math.nan
             cells.append(f"{_fmt(values[-1])} / {_fmt(best)}")
         cells += [_fmt(cfg.get(k)) for k in diff]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)
     _plot(out / "compare.png", names, series, metrics)
+    write_dashboard(out / "dashboard.html", runs, series, configs, diff, metrics, lower_is_better)
     note = f"Config keys that differ: {', '.join(diff) if diff else 'none'}."
-    (out / "compare.md").write_text(f"# Run comparison\n\n{table}\n\n{note}\n\n![metrics](compare.png)\n")
+    (out / "compare.md").write_text(f"# Run comparison\n\n{table}\n\n{note}\n\n![metrics](compare.png)\n\n"
+                                   "Curves of every metric, sample grids: [dashboard.html](dashboard.html)\n")
     return table + "\n\n" + note
 
 
@@ -138,10 +145,12 @@ def _plot(path: Path, names: list[str], series: list[dict], metrics: list[str]) 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldm runs", description="Work with run folders offline.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compare}")
-    c = sub.add_parser("compare", help="final / best metrics, differing config keys and metric plots of runs")
+    c = sub.add_parser("compare", help="final / best metrics, differing config keys, metric plots and an HTML "
+                       "dashboard of runs")
     c.add_argument("runs", nargs="+", help="run folders, e.g. runs/ldm-debug/*")
     c.add_argument("--metrics", help="comma-separated metrics (default: every val/ and eval/ metric all runs logged)")
-    c.add_argument("--out", help="folder for compare.md and compare.png (default: <parent of the first run>/compare)")
+    c.add_argument("--out", help="folder for compare.md, compare.png and dashboard.html "
+                   "(default: <parent of the first run>/compare)")
     return p
 
 
@@ -155,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out else common / "compare"
         metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
         print(compare(runs, metrics, out))
-        print(f"\nwrote {out / 'compare.md'} and {out / 'compare.png'}")
+        print(f"\nwrote {out / 'compare.md'}, {out / 'compare.png'} and {out / 'dashboard.html'}")
     except ValueError as e:
         print(f"ldm runs compare: error: {e}", file=sys.stderr)
         return 2
