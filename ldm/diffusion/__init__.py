@@ -17,6 +17,7 @@ from ldm.diffusion.guidance import (
     known_region_denoiser,
     rescale_guided_eps,
 )
+from ldm.diffusion.dit import DiT
 from ldm.diffusion.flow import FLOW_SAMPLERS, FlowPrecond, time_shift
 from ldm.diffusion.loss import DenoisingLoss, offset_noise_like
 from ldm.diffusion.loss_weighting import (
@@ -58,7 +59,7 @@ from ldm.diffusion.unet import UNet
 from ldm.diffusion.unipc import sample_unipc
 
 __all__ = [
-    "FLOW_SAMPLERS", "FlowPrecond", "time_shift",
+    "DiT", "FLOW_SAMPLERS", "FlowPrecond", "time_shift",
     "SAMPLERS", "Cond", "ConditionDropout", "Conditioner", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
     "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "TextEncoder", "UNet", "UniformTimesteps",

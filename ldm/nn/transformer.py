@@ -25,13 +25,14 @@ from ldm.nn.blocks import group_norm
 class Attention(nn.Module):
     """Multi-head attention of queries (B, N, dim) over a context (B, T, context_dim), or self-attention."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None, dropout: float = 0.0,
+                 qkv_bias: bool = False):
         super().__init__()
         inner = heads * head_dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=qkv_bias)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
         #: set to a callable (probs (B, heads, N, T)) -> None to receive the attention weights
         #: (computed explicitly, so only when asked: attention-map tools use it)
