@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 from pytorch_lightning import Callback, Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import (
     LightningArgumentParser,
     LightningCLI,
@@ -27,6 +27,7 @@ from ldm.callbacks import DataSkipMonitor, StepSeed
 from ldm.callbacks.divergence import DivergenceError, DivergenceGuard
 from ldm.callbacks.metrics_file import MetricsFileLedger
 from ldm.callbacks.preemption import Preemption
+from ldm.callbacks.throughput import SampleThroughput
 from ldm.cli import DESCRIPTION, SUBCOMMANDS, _epilog, _formatter
 from ldm.config_errors import describe_failure, summarize
 from ldm.data.urls import ShardPattern
@@ -35,10 +36,13 @@ from ldm.runs import (
     RunSettings,
     RunWandbLogger,
     build_loggers,
+    checkpoint_to_log,
+    config_inputs,
     is_rank_zero,
     resolve_version,
     slurm_job_id,
     snake_case,
+    stage_of,
 )
 
 
@@ -49,13 +53,19 @@ def model_tokenizer(model: Any) -> Any:
 
 
 class ConfigSaver(SaveConfigCallback):
-    """Saves ``config.yaml`` into the run folder and the same resolved config into W&B."""
+    """Saves ``config.yaml`` into the run folder and the same resolved config into W&B: as the run's config, as a
+    ``config`` artifact, and the runs it loads (:func:`~ldm.runs.config_inputs`) as input artifacts."""
 
     def save_config(self, trainer: Trainer, pl_module, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, RunWandbLogger):
-                logger.update_config(config)  # sent when the W&B run starts, at the first logged metrics
+                # all sent when the W&B run starts, at the first training batch or logged metrics
+                logger.update_config(config)
+                path = os.path.join(trainer.log_dir or "", self.config_filename)
+                if os.path.isfile(path):
+                    logger.log_config_file(path)
+                logger.use_runs(config_inputs(config))
             elif isinstance(logger, WandbLogger):
                 logger.experiment.config.update(config, allow_val_change=True)
 
@@ -178,7 +188,7 @@ class LDMCLI(LightningCLI):
             if self.subcommand == "fit" and is_rank_zero():
                 self._refuse_foreign_run_folder()
             self._created = _first_missing(self.run_dir)
-            kwargs["logger"] = build_loggers(run, name, version)
+            kwargs["logger"] = build_loggers(run, name, version, job_type=stage_of(self.model))
             if trainer_cfg.get("default_root_dir") is None:
                 # SLURM requeue checkpoints (hpc_ckpt_*.ckpt) go to, and are resumed from, the run folder
                 kwargs["default_root_dir"] = self.run_dir
@@ -196,6 +206,8 @@ class LDMCLI(LightningCLI):
                 callbacks = [*callbacks, *default_checkpointing(self.model, minutes)]
             elif minutes and not any(c._train_time_interval for c in mine):
                 callbacks = [*callbacks, timed_checkpoint(minutes, mine[0].dirpath)]  # a preset's own checkpoints
+        if self._run_settings().monitors and config.get("logger") not in (False, []):  # they log: need a logger
+            callbacks = [*callbacks, *default_monitors(configured)]
         # a default callback configured by the user (e.g. DivergenceGuard with another patience) replaces ours
         defaults = self.trainer_defaults.get("callbacks", [])
         kept = [d for d in defaults if not any(type(c) is type(d) for c in configured)]
@@ -246,11 +258,32 @@ class LDMCLI(LightningCLI):
             return
         folder = getattr(callback, "dirpath", None) or os.path.join(getattr(self, "run_dir", trainer.default_root_dir),
                                                                     "checkpoints")
-        trainer.save_checkpoint(os.path.join(folder, "last.ckpt"), weights_only=False)
+        last = os.path.join(folder, "last.ckpt")
+        trainer.save_checkpoint(last, weights_only=False)
+        self._log_checkpoint_artifact(callback, last)
+
+    def _log_checkpoint_artifact(self, callback: Any, last: str) -> None:
+        """The checkpoint ``run.log_checkpoints`` asks for, as a W&B ``model`` artifact."""
+        loggers = [logger for logger in self.trainer.loggers if isinstance(logger, RunWandbLogger)]
+        chosen = checkpoint_to_log(self._run_settings().log_checkpoints, last, getattr(callback, "best_model_path", None))
+        if not loggers or chosen is None or not self.trainer.is_global_zero:
+            return
+        path, aliases = chosen
+        score = getattr(callback, "best_model_score", None)
+        metadata = {"step": self.trainer.global_step, "file": os.path.basename(path),
+                    "monitor": getattr(callback, "monitor", None),
+                    "best_score": float(score) if score is not None else None}
+        for logger in loggers:
+            logger.log_checkpoint(path, aliases, metadata)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+            # the W&B run ends with the command (its artifacts flushed), not at the exit of the process: a second
+            # command in the same process (a test, a notebook) gets its own W&B run, not this one
+            for logger in self.trainer.loggers:
+                if isinstance(logger, RunWandbLogger):
+                    logger.finish()
         finally:
             os.environ.pop(VERSION_ENV, None)
 
@@ -346,6 +379,19 @@ def default_checkpointing(model: Any, minutes: float | None = None) -> list[Mode
     if minutes:
         checkpoints.append(timed_checkpoint(minutes))
     return checkpoints
+
+
+def default_monitors(configured: Sequence[Callback] = ()) -> list[Callback]:
+    """The monitors every run logs (``run.monitors``): the learning rate of each optimizer at every step
+    (``lr-<Optimizer>``, Lightning's ``LearningRateMonitor``) and samples / batches per second
+    (``train/device/samples_per_sec``, :class:`~ldm.callbacks.throughput.SampleThroughput`), unless configured already.
+    Gradient norms (``train/grad_norm``) come from :class:`~ldm.callbacks.divergence.DivergenceGuard`."""
+    monitors: list[Callback] = []
+    if not any(isinstance(c, LearningRateMonitor) for c in configured):
+        monitors.append(LearningRateMonitor(logging_interval="step"))
+    if not any(isinstance(c, SampleThroughput) for c in configured):
+        monitors.append(SampleThroughput())
+    return monitors
 
 
 def timed_checkpoint(minutes: float, dirpath: str | None = None) -> ModelCheckpoint:

@@ -47,6 +47,16 @@ def ema_warmup_multi_avg_fn(decay: float = 0.9999, power: float = 2 / 3, inv_gam
     return update
 
 
+def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA copy of the model kept by ldm's weight-averaging callback (:meth:`KeepRawWeights.averaged_module`:
+    :class:`EMA`, :class:`EMAWarmup`), or the model itself. Configs name ``ldm.callbacks.EMA`` rather than
+    Lightning's ``EMAWeightAveraging``, which offers no public accessor to its copy."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, KeepRawWeights) and (module := cb.averaged_module()) is not None:
+            return module
+    return pl_module
+
+
 class KeepRawWeights(WeightAveraging):
     """A ``WeightAveraging`` whose checkpoints written after training ended still hold the raw weights.
 
@@ -57,13 +67,19 @@ class KeepRawWeights(WeightAveraging):
 
     _raw_state: dict[str, torch.Tensor] | None = None
 
+    def averaged_module(self) -> L.LightningModule | None:
+        """The averaged copy of the model (EMA weights, for sampling and evaluation during training), or None before
+        training has set it up. At the end of training the model itself takes the average."""
+        average = self._average_model
+        return average.module if average is not None else None
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._raw_state = None  # a new fit: the model is raw again
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._average_model is not None:
+        if self.averaged_module() is not None:
             self._raw_state = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
         super().on_train_end(trainer, pl_module)
 

@@ -3,7 +3,8 @@
 Every ``every_n_steps`` training batches (and after each validation) it reconstructs a fixed
 set of validation images (the first ``n`` of the first validation batch) and writes a
 two-row grid (inputs on top, reconstructions below) to
-``<run folder>/images/reconstructions-step<N>.png`` and to W&B under ``val/reconstructions``.
+``<run folder>/images/reconstructions-step<N>.png`` and to W&B under ``images/reconstructions`` (the image keys:
+docs/runs.md).
 """
 
 from __future__ import annotations
@@ -54,6 +55,6 @@ class ReconstructionLogger(L.Callback):
         save_image(grid, path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/reconstructions", images=[grid], step=trainer.global_step,
+                logger.log_image(key="images/reconstructions", images=[grid], step=trainer.global_step,
                                  caption=["top: input, bottom: reconstruction"])
         return path

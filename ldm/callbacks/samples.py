@@ -2,10 +2,10 @@
 
 Every ``every_n_steps`` optimizer steps and at the end of training, rank 0 samples one image
 per (prompt, repeat) with a fixed seed and fixed sampler settings, so successive grids
-differ only by the weights. When an ``EMAWeightAveraging`` (any ``WeightAveraging``)
-callback is present the EMA weights are used (its averaged copy of the model); otherwise
+differ only by the weights. When ldm's EMA callback (``ldm.callbacks.EMA`` / ``EMAWarmup``)
+is present the EMA weights are used (:func:`~ldm.callbacks.ema.averaged_module`); otherwise
 the live weights. Grids go to ``<run folder>/images/samples-step<N>.png`` and to W&B
-under ``samples``.
+under ``images/samples`` (the image keys: docs/runs.md).
 """
 
 from __future__ import annotations
@@ -16,21 +16,13 @@ from pathlib import Path
 
 import pytorch_lightning as L
 import torch
-from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.loggers import WandbLogger
 
+from ldm.callbacks.ema import averaged_module
 from ldm.callbacks.folders import images_folder
 from ldm.data.preview import caption_grid
 from ldm.data.transforms import to_pil
 from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
-
-
-def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
-    """The EMA copy of the model kept by a WeightAveraging callback, or the model itself."""
-    for cb in trainer.callbacks:
-        if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
-            return cb._average_model.module
-    return pl_module
 
 
 @contextmanager
@@ -93,6 +85,6 @@ class SampleLogger(L.Callback):
         s = self.settings
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples", images=[grid], step=trainer.global_step,
+                logger.log_image(key="images/samples", images=[grid], step=trainer.global_step,
                                  caption=[f"{s.sampler}, {s.steps} steps, cfg {s.cfg}, seed {s.seed}"])
         return path

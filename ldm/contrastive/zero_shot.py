@@ -12,6 +12,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor
+
 
 @dataclass
 class ZeroShotTask:
@@ -32,6 +34,13 @@ class ZeroShotTask:
 
     def prompts(self) -> list[str]:
         return [t.format(c) for c in self.classes for t in self.templates]
+
+    def classifier(self, model) -> Tensor:
+        """(C, D) normalised class embeddings of ``model`` (an :class:`~ldm.contrastive.OpenCLIP`): the prompt
+        ensemble of ``open_clip.build_zero_shot_classifier`` (:func:`ldm.metrics.retrieval.class_embeddings`)."""
+        from ldm.metrics.retrieval import class_embeddings
+
+        return class_embeddings(model, self.classes, self.templates)
 
     def label_of(self, meta: dict[str, Any]) -> int:
         """Class index of a sample, or -1 when it has no label: nothing (or null) at ``label``, or

@@ -17,6 +17,9 @@
   :meth:`GenerationMetrics.load_features` with the sync off) and orders them by index, so N
   images spread over any number of ranks give exactly the single-process numbers (no per-rank FID).
 
+* Reconstruction: the autoencoder's rFID is :class:`StreamingFID`, the same Inception loading, features
+  and Fréchet distance over running moments (the same images give the same FID through both).
+
 Reference (real) features can be set from a cache (:mod:`ldm.metrics.reference`) instead of
 being recomputed for every evaluation.
 """
@@ -41,16 +44,22 @@ def write_random_inception_weights(path: str | os.PathLike) -> str:
     For tests and benchmarks on machines that cannot download the real weights: it exercises the real
     loading and feature path, and FIDs computed with it are not meaningful (label them so).
     """
-    from unittest import mock
-
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class RandomInception(FeatureExtractorInceptionV3):
+        """torch-fidelity's extractor keeping its initialisation: the constructor always loads a weights file
+        strictly; here the (empty) file loads non-strictly, so nothing is replaced."""
+
+        def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     stub = f"{path}.empty"
     torch.save({}, stub)
-    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, strict=True: None):
+    try:
         torch.manual_seed(0)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=stub)
-    os.remove(stub)
+        model = RandomInception("inception-v3-compat", ["2048"], feature_extractor_weights_path=stub)
+    finally:
+        os.remove(stub)
     # PyTorch's default init shrinks activations through Inception's ~90 ReLU layers to ~1e-7 (and to slow
     # denormals), which makes every image's features equal; He init keeps their scale, so distances are informative
     for m in model.modules():
@@ -63,7 +72,12 @@ def write_random_inception_weights(path: str | os.PathLike) -> str:
 
 
 class InceptionFeatures(nn.Module):
-    """Images (B, 3, H, W) in [-1, 1] -> (pool features (B, 2048), unbiased logits (B, 1008)), float64."""
+    """Images (B, 3, H, W) in [-1, 1] -> (pool features (B, 2048), unbiased logits (B, 1008)), float64.
+
+    The weights come from their file only: a module holding this one saves none of them in its
+    checkpoints, and loading a checkpoint keeps the file's (older autoencoder checkpoints carried a
+    copy of the network under ``fid.inception.``; it is skipped).
+    """
 
     def __init__(self, weights: str | None = "download"):
         super().__init__()
@@ -89,6 +103,8 @@ class InceptionFeatures(nn.Module):
             raise RuntimeError(f"could not download the Inception weights ({e}); fetch {INCEPTION_URL} and pass "
                                "its path as the Inception weights") from e
         self.net.eval().requires_grad_(False)
+        self.register_state_dict_post_hook(_without_weights)
+        self.register_load_state_dict_pre_hook(_keep_file_weights)
 
     def train(self, mode: bool = True):
         return super().train(False)
@@ -97,6 +113,18 @@ class InceptionFeatures(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         pool, logits = self.net(to_uint8(images))
         return pool.double(), logits.double()
+
+
+def _without_weights(module: InceptionFeatures, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+
+
+def _keep_file_weights(module: InceptionFeatures, state_dict: dict, prefix: str, *args) -> None:
+    """Whatever a checkpoint holds under this module (nothing, or an older layout) gives way to the file's weights."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        del state_dict[key]
+    state_dict.update(module.net.state_dict(prefix=prefix + "net."))
 
 
 class ClipImageFeatures(nn.Module):
@@ -113,14 +141,20 @@ class ClipImageFeatures(nn.Module):
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D) (torch-fidelity's formula)."""
-    from torch_fidelity.metric_fid import (
-        KEY_METRIC_FID,
-        fid_features_to_statistics,
-        fid_statistics_to_metric,
-    )
+    from torch_fidelity.metric_fid import fid_features_to_statistics
 
     stats = [fid_features_to_statistics(x.double().cpu()) for x in (a, b)]
-    return fid_statistics_to_metric(stats[0], stats[1], verbose=False)[KEY_METRIC_FID]
+    return frechet_distance_of_statistics(stats[0]["mu"], stats[0]["sigma"], stats[1]["mu"], stats[1]["sigma"])
+
+
+def frechet_distance_of_statistics(mu_a, sigma_a, mu_b, sigma_b) -> float:
+    """Fréchet distance between N(mu_a, sigma_a) and N(mu_b, sigma_b): torch-fidelity's ``fid_statistics_to_metric``."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    def stats(mu, sigma):
+        return {"mu": torch.as_tensor(mu).double().cpu().numpy(), "sigma": torch.as_tensor(sigma).double().cpu().numpy()}
+
+    return fid_statistics_to_metric(stats(mu_a, sigma_a), stats(mu_b, sigma_b), verbose=False)[KEY_METRIC_FID]
 
 
 def kernel_inception_distance(a: Tensor, b: Tensor, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
@@ -243,3 +277,46 @@ class GenerationMetrics(Metric):
             out["fd_clip"] = frechet_distance(real["clip"], fake["clip"])
         return out
 
+
+
+class StreamingFID(Metric):
+    """FID of images against real ones from running feature moments: the autoencoder's rFID.
+
+    The Inception features (:class:`InceptionFeatures`) and the Fréchet distance
+    (:func:`frechet_distance_of_statistics`) are :class:`GenerationMetrics`' own; only the moments are kept
+    (sum and sum of outer products per side, float64, summed across ranks by torchmetrics' sync) instead
+    of every feature, so memory stays O(D^2) however large the validation split. The same images give
+    :class:`GenerationMetrics`' FID (to float64 rounding: np.cov of the stored features there, the moments here).
+    ``update(images, real)`` takes images (B, 3, H, W) in [-1, 1]; ``compute`` returns the FID (a 0-d tensor).
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, inception: InceptionFeatures, **kwargs):
+        super().__init__(**kwargs)
+        self.inception = inception
+        dim = 2048
+        for side in ("real", "fake"):
+            self.add_state(f"{side}_sum", torch.zeros(dim, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_outer", torch.zeros(dim, dim, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: Tensor, real: bool) -> None:
+        side = "real" if real else "fake"
+        pool, _ = self.inception(images)  # (B, 2048) float64
+        setattr(self, f"{side}_sum", getattr(self, f"{side}_sum") + pool.sum(0))
+        setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + pool.t() @ pool)
+        setattr(self, f"{side}_count", getattr(self, f"{side}_count") + len(pool))
+
+    def _moments(self, side: str) -> tuple[Tensor, Tensor]:
+        n = int(getattr(self, f"{side}_count"))
+        if n < 2:
+            raise ValueError(f"FID needs at least 2 {side} images, got {n}")
+        mu = getattr(self, f"{side}_sum") / n  # (D,)
+        sigma = (getattr(self, f"{side}_outer") - n * torch.outer(mu, mu)) / (n - 1)  # (D, D), np.cov's
+        return mu, sigma
+
+    def compute(self) -> Tensor:
+        (mu_r, sigma_r), (mu_f, sigma_f) = self._moments("real"), self._moments("fake")
+        return torch.tensor(frechet_distance_of_statistics(mu_r, sigma_r, mu_f, sigma_f), dtype=torch.float64)

@@ -13,7 +13,7 @@ where nothing ties, never above it where something does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -41,13 +41,19 @@ def recall_at_k(image: Tensor, text: Tensor, ks: Sequence[int] = (1, 5, 10)) -> 
     return out
 
 
-def class_embeddings(embed_texts: Callable[[list[str]], Tensor], classes: Sequence[str],
-                     templates: Sequence[str]) -> Tensor:
-    """(C, D): per class, the normalised mean of its normalised template embeddings (Radford et al. 2021)."""
-    prompts = [t.format(c) for c in classes for t in templates]
-    emb = embed_texts(prompts).reshape(len(classes), len(templates), -1)
-    emb = torch.nn.functional.normalize(emb, dim=-1).mean(dim=1)
-    return torch.nn.functional.normalize(emb, dim=-1)
+def class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> Tensor:
+    """(C, D): per class, the normalised mean of its normalised template embeddings (Radford et al. 2021),
+    by ``open_clip.build_zero_shot_classifier`` (transposed), all prompts in one batch.
+
+    ``model``: a CLIP with ``encode_text(tokens, normalize=True)`` and its ``tokenizer``
+    (:class:`~ldm.contrastive.OpenCLIP`).
+    """
+    import open_clip
+
+    device = next(model.parameters()).device
+    weights = open_clip.build_zero_shot_classifier(model, model.tokenizer, list(classes), list(templates),
+                                                   num_classes_per_batch=None, device=device)  # (D, C)
+    return weights.t()
 
 
 def zero_shot_accuracy(image: Tensor, classes: Tensor, labels: Tensor) -> float:

@@ -30,7 +30,6 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.autoencoder import Autoencoder, AutoencoderLoss, LatentScaleEstimator
 from ldm.autoencoder.bottlenecks import code_perplexity
-from ldm.data.transforms import to_uint8
 from ldm.systems.optim import LinearWarmup, Shared, build_scheduler
 from ldm.systems.validation import Histogram, RowMeans, ValidationAsTest, log_means
 
@@ -48,6 +47,13 @@ def _rename_old_scale_state(module, state_dict, prefix, *args) -> None:
     if old is not None:
         state_dict.setdefault(prefix + "latent_scale.moments", old)
         state_dict.setdefault(prefix + "latent_scale.count", state_dict[prefix + "batches_seen"].clone())
+
+
+def _drop_old_fid_weights(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before rFID moved to :class:`~ldm.metrics.generation.StreamingFID` held a copy of the
+    Inception network (``fid.inception.*``); the rFID network loads from its file, rFID on or off."""
+    for key in [k for k in state_dict if k.startswith(prefix + "fid.")]:
+        del state_dict[key]
 
 
 class AutoencoderSystem(ValidationAsTest, L.LightningModule):
@@ -71,6 +77,7 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
 
     #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
     checkpoint_monitor = ("val/rec", "min")
+    stage = "autoencoder"  # the W&B job_type of its runs (ldm.runs.stage_of)
 
     def __init__(self, autoencoder: Autoencoder, loss: AutoencoderLoss, optimizer: OptimizerCallable = ldm_adam,
                  disc_optimizer: OptimizerCallable = ldm_adam, lr_scheduler: LRSchedulerCallable = LinearWarmup,
@@ -85,6 +92,7 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
         self.latent_scale = LatentScaleEstimator(scale_momentum)
         self.register_load_state_dict_pre_hook(_rename_old_scale_state)
+        self.register_load_state_dict_pre_hook(_drop_old_fid_weights)
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.fid = self._make_fid(fid_weights)
@@ -94,6 +102,7 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
 
     @staticmethod
     def _make_fid(path: str | None):
+        """rFID through the generation metrics' FID path (:class:`~ldm.metrics.generation.StreamingFID`)."""
         if path is None:
             log.warning("rFID is off: no Inception weights given (model.fid_weights)")
             return None
@@ -101,9 +110,9 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
         if not os.path.isfile(path):
             log.warning("rFID is off: Inception weights not found at %s", path)
             return None
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        from ldm.metrics.generation import InceptionFeatures, StreamingFID
 
-        return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=path, reset_real_features=True)
+        return StreamingFID(InceptionFeatures(path))
 
     # -- optimisation ----------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -171,8 +180,8 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
         self.psnr.update(fake, real)
         self.ssim.update(fake, real)
         if self.fid is not None:
-            self.fid.update(to_uint8(x), real=True)
-            self.fid.update(to_uint8(recon), real=False)
+            self.fid.update(x, real=True)  # [-1, 1]; the features quantise to uint8 as for generated images
+            self.fid.update(recon, real=False)
 
     def on_validation_epoch_end(self) -> None:
         # every rank, in this order: each compute() reduces its metric's sums across ranks

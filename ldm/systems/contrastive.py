@@ -26,7 +26,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
 from ldm.contrastive import ContrastiveLoss, OpenCLIP, ZeroShotTask
 from ldm.contrastive.noised import noise_images
-from ldm.metrics.retrieval import class_embeddings, recall_at_k, zero_shot_accuracy
+from ldm.metrics.retrieval import recall_at_k, zero_shot_accuracy
 from ldm.systems.optim import Shared, WarmupCosine, configure
 from ldm.systems.validation import ValidationAsTest, gather_rows
 
@@ -62,6 +62,7 @@ class ContrastiveSystem(ValidationAsTest, L.LightningModule):
 
     #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
     checkpoint_monitor = ("val/loss", "min")
+    stage = "contrastive"  # the W&B job_type of its runs (ldm.runs.stage_of)
 
     def __init__(self, model: OpenCLIP, loss: ContrastiveLoss, optimizer: OptimizerCallable = open_clip_adamw,
                  lr_scheduler: LRSchedulerCallable = lambda optimizer: WarmupCosine(optimizer, warmup_steps=100),
@@ -96,7 +97,9 @@ class ContrastiveSystem(ValidationAsTest, L.LightningModule):
             acc = ((img @ txt.t()).argmax(dim=1) == torch.arange(len(img), device=img.device)).float().mean()
         n = len(img)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({"train/logit_scale": scale, "train/in_batch_acc": acc}, batch_size=n)
+        # logit_scale as CLIP logs it (the multiplier exp(t), learned as t) and the temperature the papers report
+        self.log_dict({"train/logit_scale": scale, "train/temperature": 1.0 / scale, "train/in_batch_acc": acc},
+                      batch_size=n)
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach().squeeze(), batch_size=n)
         return loss
@@ -135,7 +138,7 @@ class ContrastiveSystem(ValidationAsTest, L.LightningModule):
             self.log(f"val/{name}", value, sync_dist=False, rank_zero_only=False)
         for task in self.zero_shot:
             labels = self._gathered(task.name)[valid]
-            classes = class_embeddings(self.model.embed_texts, task.classes, task.templates)
+            classes = task.classifier(self.model)  # (C, D), open_clip's prompt-ensemble classifier
             self.log(f"val/zero_shot/{task.name}", zero_shot_accuracy(img, classes, labels))
         self._val = {}
 

@@ -75,6 +75,7 @@ class DiffusionPrior(ValidationAsTest, L.LightningModule):
 
     #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
     checkpoint_monitor = ("val/loss", "min")
+    stage = "prior"  # the W&B job_type of its runs (ldm.runs.stage_of)
 
     def __init__(self, prior: nn.Module, precond: Preconditioner | None = None, loss: DenoisingLoss | None = None,
                  cond_drop: float = 0.1, use_tokens: bool = True,

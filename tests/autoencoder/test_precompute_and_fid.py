@@ -61,7 +61,7 @@ def test_precompute_command_on_a_trained_run(shapes_dir, tmp_path):
 
 
 def test_rfid_runs_end_to_end_with_local_weights(shapes_dir, inception_file, tmp_path):
-    """rFID through torchmetrics' FID with torch-fidelity's Inception loaded from a local file.
+    """rFID through the generation metrics' FID path (StreamingFID) with torch-fidelity's Inception from a local file.
     The weights are random, so the value only proves the path works: it is not a meaningful rFID."""
     cli = _system(shapes_dir, f"--model.init_args.fid_weights={inception_file}")
     assert cli.model.fid is not None

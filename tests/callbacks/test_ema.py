@@ -120,3 +120,16 @@ def test_training_on_from_the_final_checkpoint_continues_from_the_raw_weights(tm
     for k, v in plain.items():
         assert torch.equal(ours[k], v), k
         assert not torch.allclose(lightnings[k], v, atol=1e-3), k
+
+
+def test_the_averaged_copy_is_read_through_the_public_accessor():
+    from types import SimpleNamespace
+
+    from ldm.callbacks.ema import averaged_module
+
+    ema, model = EMA(decay=0.9), torch.nn.Linear(2, 2)
+    assert ema.averaged_module() is None  # before training sets it up
+    trainer = SimpleNamespace(callbacks=[ema])
+    assert averaged_module(trainer, model) is model  # no average yet: the live weights
+    ema._average_model = AveragedModel(model)  # what WeightAveraging.setup makes
+    assert averaged_module(trainer, model) is ema._average_model.module is ema.averaged_module()
