@@ -186,17 +186,17 @@ def train_ldm(out: Path, latents: Path, ae_run: Path, clip_run: Path, size: int,
 def sample_ldm(out: Path, run: str) -> Path:
     """`ldm sample` for the shapes prompts, as a user would, with the first prompt's attention maps per word."""
     grid = out / "ldm_samples.png"
-    run_ldm("sample", "--ckpt", run, "--n", "4", "--steps", "20", "--cfg", "3", "--seed", "0", "--out", str(grid),
-            "--quiet", "--attention-maps", *[a for p in LDM_PROMPTS for a in ("--prompt", p)])
+    run_ldm("sample", "--ckpt", run, "--num-images", "4", "--steps", "20", "--guidance-scale", "3", "--seed", "0",
+            "--out", str(grid), "--quiet", "--attention-maps", *[a for p in LDM_PROMPTS for a in ("--prompt", p)])
     return grid
 
 
 def evaluate_ldm(out: Path, run: str, val_pattern: str, n: int) -> dict:
     """`ldm eval` with a small guidance sweep; FID / KID / IS only where Inception weights are configured.
 
-    The run trained on latent shards, so the real images to compare with are the image shards (--data)."""
-    run_ldm("eval", "--ckpt", run, "--data", val_pattern, "--n", str(n), "--steps", "20", "--cfg-sweep", "1,3",
-            "--out", str(out / "eval"), "--quiet")
+    The run trained on latent shards, so the real images to compare with are the image shards (--shards)."""
+    run_ldm("eval", "--ckpt", run, "--shards", val_pattern, "--num-images", str(n), "--steps", "20",
+            "--guidance-sweep", "1,3", "--out", str(out / "eval"), "--quiet")
     return json.loads((out / "eval" / "report.json").read_text())
 
 
@@ -246,10 +246,12 @@ def sample_unclip(out: Path, decoder: str, prior: str, val_pattern: str, size: i
         save_image((image + 1) / 2, path)
     common = ["sample", "--ckpt", decoder, "--steps", "20", "--quiet"]
     runs = {
-        "unclip_samples": [*common, "--prior", prior, "--n", "4", "--cfg", "3", "--out", str(out / "unclip_samples.png"),
+        "unclip_samples": [*common, "--prior", prior, "--num-images", "4", "--guidance-scale", "3",
+                           "--out", str(out / "unclip_samples.png"),
                            *[a for p in LDM_PROMPTS for a in ("--prompt", p)]],
         "interpolation": [*common, "--mode", "interpolate", "--image", str(pair[0]), "--image", str(pair[1]),
-                          "--frames", "8", "--sampler", "ddim", "--cfg", "3", "--out", str(out / "interpolation.png")],
+                          "--frames", "8", "--sampler", "ddim", "--guidance-scale", "3",
+                          "--out", str(out / "interpolation.png")],
     }
     for args in runs.values():
         run_ldm(*args)
@@ -468,7 +470,7 @@ Validation loss at five fixed noise levels with fixed noise: {ldm_metrics['val_l
 
 ![ldm curves](ldm_curves.png)
 
-Sampled with `ldm sample --ckpt {ldm_metrics['run']} --n 4 --steps 20 --cfg 3 --prompt ...`
+Sampled with `ldm sample --ckpt {ldm_metrics['run']} --num-images 4 --steps 20 --guidance-scale 3 --prompt ...`
 (DPM-Solver++(2M), EMA weights, seeds 0-15). After a few CPU minutes the samples are blobs on the
 scene background whose colour mostly follows the prompt; shapes, counts and relations need a GPU
 run of `configs/ldm/shapes-kl-f4.yaml`.
@@ -482,7 +484,7 @@ probabilities summed over layers, heads and sampling steps, upsampled and overla
 
 ## Evaluation
 
-`ldm eval --ckpt {ldm_metrics['run']} --data '{val_pattern}' --n {args.eval_n} --steps 20 --cfg-sweep 1,3` on the first
+`ldm eval --ckpt {ldm_metrics['run']} --shards '{val_pattern}' --num-images {args.eval_n} --steps 20 --guidance-sweep 1,3` on the first
 {args.eval_n} validation captions ({eval_table(evaluation)}
 
 CLIP scorer: {evaluation['clip_scorer']}. Inception weights: {evaluation['inception_weights']}
@@ -512,7 +514,7 @@ caption tokens, seed 004's setting) trained {decoder_metrics['steps']} steps on 
 {decoder_metrics['val_loss_first']} at step {decoder_metrics['val_step_first']}, {decoder_metrics['val_loss_last']} at step
 {decoder_metrics['val_step_last']}.
 
-Text -> prior -> decoder (`ldm sample --ckpt {decoder_metrics['run']} --prior {prior_metrics['run']} --n 4 --cfg 3 --prompt ...`):
+Text -> prior -> decoder (`ldm sample --ckpt {decoder_metrics['run']} --prior {prior_metrics['run']} --num-images 4 --guidance-scale 3 --prompt ...`):
 
 ![unclip samples](unclip_samples.png)
 

@@ -55,7 +55,8 @@ def _epilog() -> str:
         "  ldm fit -c configs/trainer/debug.yaml -c my_experiment.yaml --trainer.max_steps=100\n"
         "  ldm fit -c my_experiment.yaml --print_config\n"
         "  ldm shards synthetic --kind shapes --out data/shapes --train 10000 --val 1000 --size 64\n"
-        "  ldm sample --ckpt runs/ldm-debug/version_0 --prompt 'a red circle' --n 4 --out grid.png"
+        "  ldm sample --ckpt runs/ldm-debug/version_0 --prompt 'a red circle' --num-images 4 --out grid.png\n"
+        "  ldm sample -c my_sampling.yaml --seed 1    # tools read -c FILE and --print_config too"
     )
 
 

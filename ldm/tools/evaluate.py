@@ -1,22 +1,27 @@
 """``ldm eval``: FID / KID / IS, CLIP score, FD-CLIP and compositional accuracy of a latent-diffusion run.
 
-    ldm eval --ckpt RUN_OR_CKPT [--data PATTERN] [--n 1000] [--sampler dpmpp_2m] [--steps 20] [--cfg 3]
-             [--cfg-sweep 1,2,3,5,7] [--inception FILE|download] [--clip RUN_OR_CKPT] [--out DIR]
-             [--precision bf16-mixed] [--weights ema|raw]
+    ldm eval --ckpt RUN_OR_CKPT [--shards PATTERN] [--num-images 1000] [--sampler dpmpp_2m] [--steps 20]
+             [--guidance-scale 5] [--guidance-sweep 1,2,3,5,7] [--inception FILE|download] [--clip RUN_OR_CKPT]
+             [--out DIR] [--precision bf16-mixed] [--weights ema|raw]
+    ldm eval -c eval.yaml [--num-images 50000]    # options from a YAML file; --print_config writes one
 
-Generates one image per validation caption (the first ``--n`` samples of ``--data``, default the
+Options in ``ldm fit``'s dialect (:mod:`ldm.tools.options`); the older names ``--n``, ``--cfg``, ``--cfg-sweep``
+and ``--data`` still work as aliases of ``--num-images``, ``--guidance-scale``, ``--guidance-sweep`` and
+``--shards``. The default guidance scale is ``ldm sample``'s (5).
+
+Generates one image per validation caption (the first ``--num-images`` samples of ``--shards``, default the
 run's ``data.val``), with a fixed seed, and writes into ``--out``: ``report.json`` (every number
 and setting), ``report.md`` and ``report.html`` (tables, the sample grid, the sweep plot),
 ``samples.png`` (the first images with caption, CLIP score and compositional verdict) and, for
-``--cfg-sweep``, ``cfg_sweep.png`` (FID, or FD-CLIP without Inception weights, against CLIP score).
+``--guidance-sweep``, ``cfg_sweep.png`` (FID, or FD-CLIP without Inception weights, against CLIP score).
 ``--precision`` runs the generating networks under autocast (``bf16-mixed`` on a GPU); the Inception
 and CLIP scoring stay float32. ``--weights raw`` evaluates the weights the optimizer trained instead of
 the EMA average; both are recorded in the report.
 
 On several GPUs, launch the same command once per GPU; the numbers are those of one process:
 
-    torchrun --nproc-per-node 8 --no-python -- ldm eval --ckpt RUN --n 50000 ...   # one node (`--`: --n is ldm's)
-    srun --ntasks-per-node 8 --gpus-per-task 1 ldm eval --ckpt RUN --n 50000 ...   # SLURM, any number of nodes
+    torchrun --nproc-per-node 8 --no-python -- ldm eval --ckpt RUN --num-images 50000 ...   # one node
+    srun --ntasks-per-node 8 --gpus-per-task 1 ldm eval --ckpt RUN --num-images 50000 ...   # SLURM, any nodes
 
 Each rank (on ``cuda:LOCAL_RANK``) generates and featurises a contiguous block of whole batches, image ``i``
 from seed ``seed + i`` as in one process; the Inception / CLIP features, per-image CLIP scores and compositional
@@ -37,29 +42,34 @@ from pathlib import Path
 
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.pipelines.precision import PRECISION_HELP, parse_precision
+from ldm.tools.options import CKPT_ALIASES, GUIDANCE_SCALE, ToolParser
 
 OFFICIAL_INCEPTION = "weights-inception-2015-12-05-6726825d.pth"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm eval", description="Evaluate a latent-diffusion run on validation captions. "
+def _parser() -> ToolParser:
+    p = ToolParser(prog="ldm eval", description="Evaluate a latent-diffusion run on validation captions. "
                                 "On several GPUs: torchrun --nproc-per-node N --no-python -- ldm eval ..., or "
                                 "srun ldm eval ... under SLURM; the numbers equal one process's.")
-    p.add_argument("--ckpt", required=True, help="latent-diffusion run folder or a .ckpt in one")
-    p.add_argument("--data", help="validation shard pattern (default: the run's data.val)")
+    p.add_argument("--ckpt", aliases=CKPT_ALIASES, required=True, help="latent-diffusion run folder or a .ckpt in one")
+    p.add_argument("--shards", aliases=("--data",), help="validation shard pattern (default: the run's data.val)")
     p.add_argument("--prior", help="diffusion-prior run, for an unCLIP decoder: prompts -> prior -> decoder "
                    "(without it a decoder reads the CLIP text embedding directly)")
-    p.add_argument("--n", type=int, default=1000, help="number of captions / generated images")
+    p.add_argument("--num-images", aliases=("--n",), type=int, default=1000,
+                   help="number of captions / generated images")
     p.add_argument("--prompt-set", choices=["val", "binding"], default="val",
-                   help="val: the validation captions of --data; binding: rendered two-object attribute-binding scenes "
+                   help="val: the validation captions of --shards; binding: rendered two-object attribute-binding "
+                        "scenes "
                         "('a red square on top of a blue square'), real images rendered at the run's size")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
-    p.add_argument("--cfg-sweep", help="comma-separated guidance scales to evaluate instead of --cfg, e.g. 1,2,3,5,7")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="sampling method")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance-scale", aliases=("--cfg",), type=float, default=GUIDANCE_SCALE,
+                   help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance-sweep", aliases=("--cfg-sweep",),
+                   help="comma-separated guidance scales to evaluate instead of --guidance-scale, e.g. 1,2,3,5,7")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--size", type=int, help="image size (default: the run's data.image_size)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--inception", default=os.environ.get("LDM_INCEPTION_WEIGHTS"),
                    help="torch-fidelity Inception weights file, or 'download' when online "
                         "(default: $LDM_INCEPTION_WEIGHTS; without it FID / KID / IS are skipped)")
@@ -76,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"],
                    help="--ckpt's weights: ema (the EMA average where the run kept one, else its only weights) or "
                         "raw (the weights the optimizer trained); a --prior run uses its EMA weights")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -148,7 +158,11 @@ def _main(args, ranks) -> int:
         from ldm.pipelines.precision import PrecisionPipe
         from ldm.systems.loading import find_checkpoint, load_latent_diffusion, run_config, run_image_size
 
-        cfgs = [float(c) for c in args.cfg_sweep.split(",")] if args.cfg_sweep else [args.cfg]
+        try:
+            cfgs = ([float(c) for c in args.guidance_sweep.split(",")] if args.guidance_sweep else
+                    [args.guidance_scale])
+        except ValueError as e:
+            raise ValueError(f"--guidance-sweep {args.guidance_sweep!r}: give comma-separated numbers") from e
         device = ranks.device(args.device)
         pipe = TextToImage(load_latent_diffusion(args.ckpt, weights=args.weights).to(device),
                            batch_size=args.batch_size)
@@ -156,19 +170,20 @@ def _main(args, ranks) -> int:
             pipe = _through_prior(pipe, args.prior, device)
         size = args.size or run_image_size(args.ckpt)
         data_cfg = (run_config(args.ckpt).get("data") or {}).get("init_args") or {}
-        if args.prompt_set == "val" and not args.data and data_cfg.get("decode_images") is False:
+        if args.prompt_set == "val" and not args.shards and data_cfg.get("decode_images") is False:
             raise ValueError("the run trained on precomputed latents (data.decode_images: false), which hold no "
-                             "images to compare with: pass --data with the validation image shards")
-        data = args.data or data_cfg.get("val")
+                             "images to compare with: pass --shards with the validation image shards")
+        data = args.shards or data_cfg.get("val")
         if not size or (args.prompt_set == "val" and not data):
-            raise ValueError("cannot tell the image size / validation data from the run's config: pass --size / --data")
+            raise ValueError("cannot tell the image size / validation data from the run's config: pass --size / "
+                             "--shards")
         scorer, clip_id, scorer_note = _scorer(args, pipe.system)
         evaluator = GenerationEvaluator(args.inception, scorer, clip_id, batch_size=args.batch_size,
                                         cache=not args.no_cache, device=device)
         if args.prompt_set == "binding":
-            evalset, data = binding_eval_set(args.n, size, args.seed), "binding scenes"
+            evalset, data = binding_eval_set(args.num_images, size, args.seed), "binding scenes"
         else:
-            evalset = load_eval_set(str(data), args.n, size)
+            evalset = load_eval_set(str(data), args.num_images, size)
         results = []
         for cfg in cfgs:
             settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=cfg, seed=args.seed)

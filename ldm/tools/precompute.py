@@ -9,20 +9,24 @@ On several GPUs, launch the same command once per GPU (each rank on ``cuda:LOCAL
     torchrun --nproc-per-node 8 --no-python -- ldm precompute latents --ckpt RUN --shards 'train-*.tar' --out DIR
     srun --ntasks-per-node 8 --gpus-per-task 1 ldm precompute latents --ckpt RUN --shards ... --out DIR
 
+Options in ``ldm fit``'s dialect (:mod:`ldm.tools.options`): ``-c FILE`` after the subcommand, ``--print_config``,
+defaults in ``--help``; ``--ckpt_path`` is an alias of ``--ckpt``.
+
 Each rank encodes every ``world_size``-th input shard into the output shard of the same name (so none is written
 twice, and the output is that of one process); rank 0 gathers the counts and writes ``stats.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
 
+from ldm.tools.options import CKPT_ALIASES, ToolParser
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm precompute", description="Encode shards with a trained stage, for the "
+
+def _parser() -> ToolParser:
+    p = ToolParser(prog="ldm precompute", description="Encode shards with a trained stage, for the "
                                 "next stage to train on precomputed inputs. On several GPUs: torchrun "
                                 "--nproc-per-node N --no-python -- ldm precompute ..., or srun ldm precompute ... "
                                 "under SLURM; each rank encodes its share of the input shards.")
@@ -31,11 +35,12 @@ def _parser() -> argparse.ArgumentParser:
                          description="Encode every image of the shards with a trained autoencoder into new shards "
                          "holding latent.npy (scaled by the autoencoder's scale factor) beside txt and json. "
                          "Resumable: finished output shards are skipped.")
-    lat.add_argument("--ckpt", required=True, help="autoencoder run folder (runs/<name>/<version>) or a .ckpt in one")
+    lat.add_argument("--ckpt", aliases=CKPT_ALIASES, required=True,
+                     help="autoencoder run folder (runs/<name>/<version>) or a .ckpt in one")
     lat.add_argument("--shards", required=True, help="input shard pattern, e.g. 'data/shapes/train-*.tar'")
     lat.add_argument("--out", required=True, help="output folder")
     lat.add_argument("--size", type=int, help="image size to encode at (default: the run's data.image_size)")
-    lat.add_argument("--batch-size", type=int, default=32)
+    lat.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     lat.add_argument("--std", action="store_true", help="also write the KL posterior std (latent_std.npy)")
     lat.add_argument("--keep-images", action="store_true", help="copy the images into the output shards too")
     lat.add_argument("--device", help="cpu or cuda (default: cuda when available; each rank of a torchrun / srun "
@@ -46,12 +51,13 @@ def _parser() -> argparse.ArgumentParser:
                          description="Add the CLIP text embedding (pooled, normalised), the image embedding and the "
                          "text tower's per-token features (+ mask) to every sample, keeping everything already there "
                          "(run it before `latents`, which keeps them too). Resumable per shard.")
-    emb.add_argument("--ckpt", help="contrastive run folder (runs/<name>/<version>) or a .ckpt in one")
+    emb.add_argument("--ckpt", aliases=CKPT_ALIASES,
+                     help="contrastive run folder (runs/<name>/<version>) or a .ckpt in one")
     emb.add_argument("--model-name", help="an open_clip model name, with --pretrained, instead of --ckpt")
     emb.add_argument("--pretrained", help="local open_clip checkpoint file for --model-name")
     emb.add_argument("--shards", required=True, help="input shard pattern")
     emb.add_argument("--out", required=True, help="output folder")
-    emb.add_argument("--batch-size", type=int, default=64)
+    emb.add_argument("--batch-size", type=int, default=64, help="samples per forward pass")
     emb.add_argument("--no-tokens", action="store_true", help="skip the per-token text features")
     emb.add_argument("--device", help="cpu or cuda (default: cuda when available; each rank of a torchrun / srun "
                      "launch on cuda:LOCAL_RANK)")

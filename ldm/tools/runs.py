@@ -11,7 +11,6 @@ config keys, the runs' newest sample grids side by side; :mod:`ldm.tools.dashboa
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from ldm.tools.dashboard import write_dashboard
+from ldm.tools.options import ToolParser
 
 #: metrics where lower is better; every other metric is taken as higher-is-better
 LOWER_IS_BETTER = ("loss", "fid", "kid", "fd_clip", "rec", "lpips", "kl", "rfid", "skipped")
@@ -142,8 +142,8 @@ def _plot(path: Path, names: list[str], series: list[dict], metrics: list[str]) 
     plt.close(fig)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm runs", description="Work with run folders offline.")
+def _parser() -> ToolParser:
+    p = ToolParser(prog="ldm runs", description="Work with run folders offline.")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compare}")
     c = sub.add_parser("compare", help="final / best metrics, differing config keys, metric plots and an HTML "
                        "dashboard of runs")

@@ -1,15 +1,16 @@
 """``ldm sample``: images from a trained latent-diffusion or unCLIP-decoder run, in one of several modes.
 
-    ldm sample --ckpt RUN --prompt "a red circle" [--prompt ...] [--prompts FILE] [--n 4]      # text -> image
-    ldm sample --ckpt RUN --prompts captions.csv --prompt-column text    # FILE: .txt .json .jsonl .csv .tsv
+    ldm sample --ckpt RUN --prompt "a red circle" [--prompt ...] [--prompts FILE] [--num-images 4]  # text -> image
+    ldm sample --ckpt RUN --prompts captions.csv --caption-column text   # FILE: .txt .json .jsonl .csv .tsv
     ldm sample --ckpt DECODER --prior PRIOR --prompt ...                 # unCLIP: text -> prior -> decoder
-    ldm sample --ckpt DECODER --mode variations --image in.png --n 4 --sampler ddim --eta 1
+    ldm sample --ckpt DECODER --mode variations --image in.png --num-images 4 --sampler ddim --eta 1
     ldm sample --ckpt DECODER --mode interpolate --image a.png --image b.png --frames 8
     ldm sample --ckpt DECODER --mode text-diff --image in.png --from-prompt "a red circle" --prompt "a blue circle"
     ldm sample --ckpt RUN --mode img2img --image in.png --prompt ... --strength 0.6
     ldm sample --ckpt RUN --mode inpaint --image in.png (--mask mask.png | --mask-box 0.5,0,1,1) --prompt ...
     ldm sample --ckpt RUN --mode invert --image in.png [--prompt ...]    # DDIM inversion -> reconstruction
-    ... [--clip-guidance 1000 [--clip CLIP_RUN] [--noised-clip]] [--attention-maps]
+    ... [--clip-guidance-scale 1000 [--clip CLIP_RUN] [--noised-clip]] [--attention-maps]
+    ldm sample -c sample.yaml [--seed 1]     # options from a YAML file; --print_config writes one
     ... [--precision bf16-mixed] [--weights raw]    # networks in bfloat16 (GPU); the raw, not the EMA, weights
 
 Every mode writes the captioned grid or strip (``--out``), every image on its own
@@ -20,9 +21,15 @@ seed ``seed + i``, so the same command gives the same images. A decoder conditio
 (``configs/unclip/``) reads prompts through ``--prior`` (or, without one, through the CLIP text
 embedding itself); a cross-attention run reads them directly.
 
+Options in ``ldm fit``'s dialect (:mod:`ldm.tools.options`): ``-c FILE``, ``--print_config``, defaults in
+``--help``. The older names ``--cfg``, ``--n``, ``--prior-cfg``, ``--clip-guidance`` and ``--prompt-column`` still
+work as aliases of ``--guidance-scale``, ``--num-images``, ``--prior-guidance-scale``, ``--clip-guidance-scale``
+and ``--caption-column``; ``--ckpt_path`` (``ldm fit``'s name) is one of ``--ckpt``.
+
 ``--mode text`` runs on every GPU of a node or job: launch the same command once per GPU,
 
-    torchrun --nproc-per-node 8 --no-python -- ldm sample --ckpt RUN --prompts captions.txt --n 4 --out out/grid.png
+    torchrun --nproc-per-node 8 --no-python -- ldm sample --ckpt RUN --prompts captions.txt --num-images 4 \
+        --out out/grid.png
     srun --ntasks-per-node 8 --gpus-per-task 1 ldm sample --ckpt RUN --prompts captions.txt --out out/grid.png
 
 and each rank (on ``cuda:LOCAL_RANK``) draws a contiguous block of whole batches of the images, image ``i`` from
@@ -43,6 +50,7 @@ from pathlib import Path
 
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.pipelines.precision import PRECISION_HELP, parse_precision
+from ldm.tools.options import CKPT_ALIASES, GUIDANCE_SCALE, ToolParser
 from ldm.tools.prompts import read_prompt_file
 
 MODES = ("text", "variations", "interpolate", "text-diff", "img2img", "inpaint", "invert")
@@ -50,38 +58,43 @@ UNCLIP_MODES = ("variations", "interpolate", "text-diff")
 IMAGES_NEEDED = {"variations": 1, "interpolate": 2, "text-diff": 1, "img2img": 1, "inpaint": 1, "invert": 1}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm sample", description="Sample or edit images with a trained latent-diffusion "
+def _parser() -> ToolParser:
+    p = ToolParser(prog="ldm sample", description="Sample or edit images with a trained latent-diffusion "
                                 "or unCLIP-decoder run (its EMA weights where it kept an EMA, unless --weights raw). "
                                 "--mode text on several GPUs: torchrun --nproc-per-node N --no-python -- ldm "
                                 "sample ..., or srun ldm sample ... under SLURM; the same files as one process.")
-    p.add_argument("--ckpt", required=True, help="latent-diffusion / decoder run folder (runs/<name>/<version>) or a "
+    p.add_argument("--ckpt", aliases=CKPT_ALIASES, required=True,
+                   help="latent-diffusion / decoder run folder (runs/<name>/<version>) or a "
                    ".ckpt in one")
-    p.add_argument("--mode", default="text", choices=MODES)
+    p.add_argument("--mode", default="text", choices=MODES, help="what to make: text -> image, or an edit of --image")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
     p.add_argument("--prompts", help="a prompt file, read by its extension: .txt (one prompt per line), .json (a list "
                    "of strings or of objects with a caption field), .jsonl (one string or object per line), .csv / "
                    ".tsv (a header with a caption column)")
-    p.add_argument("--prompt-column", help="the caption field or column of a --prompts .json/.jsonl/.csv/.tsv file "
+    p.add_argument("--caption-column", aliases=("--prompt-column",),
+                   help="the caption field or column of a --prompts .json/.jsonl/.csv/.tsv file "
                    "(default: the first of caption, text, prompt)")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS), help="sampling method")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance-scale", aliases=("--cfg",), type=float, default=GUIDANCE_SCALE,
+                   help="classifier-free guidance scale (1 = off)")
     p.add_argument("--rescale", type=float, default=0.0, help="guidance rescale (Lin et al. 2024), 0 = off")
     p.add_argument("--eta", type=float, default=0.0, help="noise of ddim / euler_ancestral steps")
-    p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace", "karras"])
+    p.add_argument("--spacing", default="leading", choices=["leading", "trailing", "linspace", "karras"],
+                   help="where the steps fall on the noise schedule")
     p.add_argument("--negative-prompt", default="",
                    help="what guidance steers away from: the other branch of classifier-free guidance (default: none)")
     p.add_argument("--threshold", default="auto", choices=["auto", "none", "clip", "dynamic"],
                    help="x0 estimate at every step: clip to [-1, 1], Imagen's dynamic thresholding, or none; auto "
                         "clips pixel-space models and leaves latents alone")
-    p.add_argument("--n", type=int, default=1, help="images per prompt (text, img2img, inpaint) or variations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", aliases=("--n",), type=int, default=1,
+                   help="images per prompt (text, img2img, inpaint) or variations")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--size", type=int, help="image size in pixels (default: the run's data.image_size)")
     p.add_argument("--height", type=int, help="--mode text: image height in pixels (default: --size), a multiple "
                                                "of the first stage's factor")
     p.add_argument("--width", type=int, help="--mode text: image width in pixels (default: --size)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--out", default="samples/grid.png", help="grid PNG; images and the JSON record go beside it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; each rank "
                    "of a torchrun / srun launch on cuda:LOCAL_RANK)")
@@ -94,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(without it the CLIP text embedding is used directly)")
     g.add_argument("--prior-best-of", type=int, help="prior draws per prompt, the best by text similarity kept")
     g.add_argument("--prior-steps", type=int, help="prior sampling steps (default: the prior's own)")
-    g.add_argument("--prior-cfg", type=float, help="prior guidance scale (default: the prior's own)")
+    g.add_argument("--prior-guidance-scale", aliases=("--prior-cfg",), type=float,
+                   help="prior guidance scale (default: the prior's own)")
     g.add_argument("--frames", type=int, default=8, help="interpolate: frames in the strip")
     g.add_argument("--from-prompt", help="text-diff: a caption of the input image (the edit goes from it to --prompt)")
     g.add_argument("--amounts", default="0,0.1,0.2,0.3,0.4,0.5",
@@ -107,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-box", help="inpaint: the box of the generated square to regenerate, as fractions "
                    "left,top,right,bottom (0.5,0,1,1)")
     g = p.add_argument_group("CLIP guidance (text, img2img, inpaint)")
-    g.add_argument("--clip-guidance", type=float, default=0.0, help="CLIP guidance scale (0 = off)")
+    g.add_argument("--clip-guidance-scale", aliases=("--clip-guidance",), type=float, default=0.0,
+                   help="CLIP guidance scale (0 = off)")
     g.add_argument("--clip", help="contrastive run that guides (default: the run's own text encoder's CLIP); for an "
                    "unCLIP decoder without a text encoder, also the CLIP that reads the prompts and images")
     g.add_argument("--noised-clip", action="store_true",
@@ -144,11 +159,11 @@ def read_prompts(args, required: bool = True) -> list[str]:
         if not Path(args.prompts).is_file():
             raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
         try:
-            prompts += read_prompt_file(args.prompts, column=args.prompt_column)
+            prompts += read_prompt_file(args.prompts, column=args.caption_column)
         except ValueError as e:  # the message names the file and the line, row or item
             raise ValueError(f"--prompts {e}") from e
-    elif args.prompt_column:
-        raise ValueError("--prompt-column names the caption column of a --prompts file: give --prompts FILE")
+    elif args.caption_column:
+        raise ValueError("--caption-column names the caption column of a --prompts file: give --prompts FILE")
     if not prompts and required:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
@@ -245,7 +260,7 @@ class Job:
                                      "the contrastive run its embeddings came from")
                 text_encoder = FrozenTextEncoder(checkpoint=args.clip).to(device)
             self.unclip = UnCLIP(self.system, prior, text_encoder=text_encoder, batch_size=args.batch_size,
-                                 prior_best_of=args.prior_best_of, prior_cfg=args.prior_cfg,
+                                 prior_best_of=args.prior_best_of, prior_cfg=args.prior_guidance_scale,
                                  prior_steps=args.prior_steps)
         elif args.mode in UNCLIP_MODES:
             raise ValueError(f"--mode {args.mode} needs a decoder conditioned on CLIP image embeddings "
@@ -263,8 +278,8 @@ class Job:
         if self.unclip is not None:  # prompts -> prior -> image embeddings -> decoder
             unclip = {"prior": self.unclip.prior, "clip_text": self.unclip.text_encoder,
                       "prior_options": self.unclip.pipe.prior_options}
-        if self.args.clip_guidance:
-            return ClipGuided(self.system, self.clip, scale=self.args.clip_guidance, noised=self.args.noised_clip,
+        if self.args.clip_guidance_scale:
+            return ClipGuided(self.system, self.clip, scale=self.args.clip_guidance_scale, noised=self.args.noised_clip,
                               through_denoiser=self.args.clip_through_denoiser, batch_size=self.args.batch_size,
                               **unclip)
         return TextToImage(self.system, batch_size=self.args.batch_size, **unclip)
@@ -285,17 +300,18 @@ def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | N
     if images is not None and len(images) < IMAGES_NEEDED[args.mode]:
         raise ValueError(f"--mode {args.mode} needs {IMAGES_NEEDED[args.mode]} --image file(s), got {len(images)}")
     if args.mode == "text":
-        expanded = [p for p in prompts for _ in range(args.n)]
+        expanded = [p for p in prompts for _ in range(args.num_images)]
         block = range(len(expanded)) if block is None else block
         if len(block):
             out = job.pipe()(expanded[block.start:block.stop], settings, image_size=shape or size, progress=progress,
                              index_offset=block.start)
         else:  # more ranks than batches
             out = torch.empty(0, 3, *(shape or (size, size)))
-        return out, expanded, (args.n if len(prompts) > 1 and args.n > 1 else None), {}
+        return out, expanded, (args.num_images if len(prompts) > 1 and args.num_images > 1 else None), {}
     if args.mode == "variations":
-        out = job.unclip.variations(images[:1], args.n, settings, image_size=size, progress=progress)
-        return torch.cat([images[:1], out]), ["input"] + [f"variation {i + 1}" for i in range(args.n)], None, {}
+        out = job.unclip.variations(images[:1], args.num_images, settings, image_size=size, progress=progress)
+        return (torch.cat([images[:1], out]), ["input"] + [f"variation {i + 1}" for i in range(args.num_images)],
+                None, {})
     if args.mode == "interpolate":
         if args.frames < 2:
             raise ValueError(f"--frames must be >= 2, got {args.frames}")
@@ -316,7 +332,7 @@ def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | N
                 {"from_prompt": args.from_prompt, "amounts": amounts})
     # editing modes: one input image per prompt (or the one image for every prompt)
     prompts = prompts or [""]
-    pairs = [(i % len(images), p) for p in prompts for i in range(len(images)) for _ in range(args.n)]
+    pairs = [(i % len(images), p) for p in prompts for i in range(len(images)) for _ in range(args.num_images)]
     inputs = images[torch.tensor([i for i, _ in pairs])]
     expanded = [p for _, p in pairs]
     pipe = job.pipe()
@@ -364,12 +380,12 @@ def _main(args, ranks) -> int:
     """``ranks``: the processes sharing the images of --mode text."""
     try:
         prompts = read_prompts(args, required=args.mode in ("text", "text-diff"))
-        if args.n < 1:
-            raise ValueError(f"--n must be >= 1, got {args.n}")
+        if args.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
         if args.mode != "text" and not args.image:
             raise ValueError(f"--mode {args.mode} needs --image FILE")
-        if args.mode in ("variations", "interpolate") and args.clip_guidance:
-            raise ValueError(f"--clip-guidance applies to the text, img2img and inpaint modes, not {args.mode}")
+        if args.mode in ("variations", "interpolate") and args.clip_guidance_scale:
+            raise ValueError(f"--clip-guidance-scale applies to the text, img2img and inpaint modes, not {args.mode}")
         import torch
 
         from ldm.data.preview import caption_grid
@@ -378,7 +394,7 @@ def _main(args, ranks) -> int:
         from ldm.pipelines.precision import float32_images, sampling_precision
         from ldm.systems.loading import find_checkpoint, run_image_size
 
-        settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=args.guidance_scale, seed=args.seed,
                                    eta=args.eta, rescale=args.rescale, spacing=args.spacing,
                                    threshold=args.threshold, negative_prompt=args.negative_prompt)
         device = ranks.device(args.device)
@@ -392,7 +408,7 @@ def _main(args, ranks) -> int:
                              "images: use --size")
         block = None
         if args.mode == "text":
-            block = ranks.block(len(prompts) * args.n, args.batch_size)
+            block = ranks.block(len(prompts) * args.num_images, args.batch_size)
         with sampling_precision(args.precision, job.system):
             images, captions, columns, extra = run_mode(job, prompts, size, shape, block)
         images = float32_images(images)
@@ -433,11 +449,12 @@ def _main(args, ranks) -> int:
               "prompts_read_by": ("the run's text encoder" if job.unclip is None else
                                   "the diffusion prior" if args.prior else "the CLIP text embedding (no prior)"),
               "image_size": size if shape == (size, size) else list(shape),
-              "prompts": prompts, "prompts_file": args.prompts, "prompt_column": args.prompt_column, "n": args.n,
+              "prompts": prompts, "prompts_file": args.prompts, "prompt_column": args.caption_column,
+              "n": args.num_images,
               "inputs": args.image, "settings": settings.to_dict(), "precision": args.precision,
               "weights": args.weights,
-              "clip_guidance": {"scale": args.clip_guidance, "clip": args.clip, "noised": args.noised_clip,
-                                "through_denoiser": args.clip_through_denoiser} if args.clip_guidance else None,
+              "clip_guidance": {"scale": args.clip_guidance_scale, "clip": args.clip, "noised": args.noised_clip,
+                                "through_denoiser": args.clip_through_denoiser} if args.clip_guidance_scale else None,
               **extra, "grid": str(out), "images": files}
     if args.mode == "text":
         for i, f in enumerate(files):

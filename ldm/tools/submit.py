@@ -11,6 +11,10 @@ log (``slurm-<jobid>.out``, appended to across requeues). The job asks for ``--s
 ``--requeue`` and ``--open-mode=append``: on the signal ``ldm fit`` checkpoints the current step and
 requeues itself, and the requeued job resumes from the newest checkpoint of its folder. A
 ``--run.version`` among the arguments continues that folder (from its newest checkpoint).
+
+The options of ldm submit itself (before ``--``) speak ``ldm fit``'s dialect (:mod:`ldm.tools.options`):
+``ldm submit -c cluster.yaml -- -c fit.yaml`` reads the allocation from cluster.yaml (``partition: gpu``,
+``gpus_per_node: 8``), ``--print_config`` prints them, ``--help`` shows the defaults.
 """
 
 from __future__ import annotations
@@ -33,25 +37,25 @@ from ldm.slurm.submit import (
     resolve_fit,
     write_and_submit,
 )
+from ldm.tools.options import RawDescriptionHelpFormatter, ToolParser
 
 #: the allocation options (argparse dest -> Allocation field); given ones override a recipe's ``slurm:``
 ALLOCATION = ("nodes", "gpus_per_node", "ntasks_per_node", "cpus_per_task", "time", "partition", "account", "qos",
               "constraint", "mem", "grace", "strategy")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ldm submit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ToolParser:
+    p = ToolParser(prog="ldm submit", description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     a = p.add_argument_group("allocation (wins over any config file: devices, nodes and strategy follow it)")
     a.add_argument("--nodes", type=int, help="nodes (default 1)")
     a.add_argument("--gpus-per-node", type=int, help="GPUs per node; 0 trains on CPUs (default 0)")
     a.add_argument("--ntasks-per-node", type=int, help="processes per node (default: one per GPU, 1 without)")
     a.add_argument("--cpus-per-task", type=int, help="CPUs per process (default: data.num_workers + 1)")
     a.add_argument("--time", help="time limit, e.g. 24:00:00")
-    a.add_argument("--partition")
-    a.add_argument("--account")
-    a.add_argument("--qos")
-    a.add_argument("--constraint")
+    a.add_argument("--partition", help="SLURM partition")
+    a.add_argument("--account", help="SLURM account")
+    a.add_argument("--qos", help="SLURM quality of service")
+    a.add_argument("--constraint", help="SLURM node features, e.g. a100")
     a.add_argument("--mem", help="memory per node, e.g. 64G")
     a.add_argument("--grace", type=int, help="seconds between the warning signal (USR1) and the end (default 90)")
     a.add_argument("--strategy", help="Lightning strategy for more than one process (default ddp)")
@@ -103,6 +107,19 @@ def submit_fit(args: argparse.Namespace, fit_args: list[str], argv: list[str]) -
     return 0
 
 
+def upstream_fits(recipe: Recipe, name: str) -> list[str]:
+    """The fit stages ``name`` depends on, directly or through stages that are not fits (shards, precompute)."""
+    found: list[str] = []
+    todo = list(recipe.dependencies(name))
+    while todo:
+        dep = todo.pop(0)
+        if recipe.stages[dep].kind == "fit":
+            found.append(dep)
+        else:
+            todo += recipe.dependencies(dep)
+    return list(dict.fromkeys(found))
+
+
 def plan_recipe(recipe: Recipe, args: argparse.Namespace, argv: list[str]) -> tuple[str, list[tuple[str, Job]]]:
     """(the recipe's version, its jobs in submission order). Fit stages are validated unless --no-check."""
     base = Path(recipe.root).absolute() / recipe.name
@@ -114,7 +131,11 @@ def plan_recipe(recipe: Recipe, args: argparse.Namespace, argv: list[str]) -> tu
         alloc = allocation(args, recipe.slurm, stage.slurm)
         folder = recipe.folder(name, version)
         if stage.kind == "fit":
-            fit_args = [*resolved[name], f"--run.group={recipe.name}"]
+            # group: the recipe, so its stages sit together in W&B; inputs: the fit stages it builds on, also those
+            # it reaches through tool stages (the CLIP whose embeddings the prior trains on), for the W&B lineage
+            inputs = [str(recipe.folder(s, version)) for s in upstream_fits(recipe, name)]
+            fit_args = [*resolved[name], f"--run.group={recipe.name}",
+                        *([f"--run.inputs=[{','.join(inputs)}]"] if inputs else [])]
             run = [f"--run.root={base}", f"--run.name={name}"]
             config = resolve_fit([*fit_args, *run]) if not args.no_check else FitConfig(name, str(base), 0)
             # the recipe's version, shared by all stages
