@@ -14,6 +14,8 @@ run's ``data.val``), with a fixed seed, and writes into ``--out``: ``report.json
 and setting), ``report.md`` and ``report.html`` (tables, the sample grid, the sweep plot),
 ``samples.png`` (the first images with caption, CLIP score and compositional verdict) and, for
 ``--guidance-sweep``, ``cfg_sweep.png`` (FID, or FD-CLIP without Inception weights, against CLIP score).
+The report is also logged to W&B as a ``job_type=eval`` run in the evaluated run's group, the checkpoint its input
+artifact (``--wandb``; by default as the evaluated run logged, :mod:`ldm.tools.eval_wandb`).
 ``--precision`` runs the generating networks under autocast (``bf16-mixed`` on a GPU); the Inception
 and CLIP scoring stay float32. ``--weights raw`` evaluates the weights the optimizer trained instead of
 the EMA average; both are recorded in the report.
@@ -86,6 +88,10 @@ def _parser() -> ToolParser:
     p.add_argument("--weights", default="ema", choices=["ema", "raw"],
                    help="--ckpt's weights: ema (the EMA average where the run kept one, else its only weights) or "
                         "raw (the weights the optimizer trained); a --prior run uses its EMA weights")
+    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
+                   help="log the report to W&B as a job_type=eval run in the evaluated run's project and group, with "
+                        "the checkpoint as its input artifact; auto: as the evaluated run logged (its run.wandb_mode; "
+                        "WANDB_MODE wins); offline runs go to <out>/wandb")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -198,9 +204,12 @@ def _main(args, ranks) -> int:
     if not ranks.is_main:
         return 0
     out = Path(args.out) if args.out else find_checkpoint(args.ckpt).parent.parent / "eval"
-    write_report(out, args, str(find_checkpoint(args.ckpt)), str(data), evalset, results, scorer_note,
-                 _weights_note(args.inception), processes=ranks.world_size)
+    record = write_report(out, args, str(find_checkpoint(args.ckpt)), str(data), evalset, results, scorer_note,
+                          _weights_note(args.inception), processes=ranks.world_size)
     print(f"wrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'}")
+    from ldm.tools.eval_wandb import eval_wandb_mode, log_eval_report
+
+    log_eval_report(out, record, run_config(args.ckpt), eval_wandb_mode(run_config(args.ckpt), args.wandb))
     return 0
 
 
@@ -244,6 +253,7 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
             f"<p>{html.escape(intro)}</p>{table}<h2>Samples</h2><img src='samples.png'>"
             + ("<h2>Guidance sweep</h2><img src='cfg_sweep.png'>" if sweep else "") + "</body></html>")
     (out / "report.html").write_text(page)
+    return record
 
 
 def _plot_sweep(path: Path, results) -> None:
