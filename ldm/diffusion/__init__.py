@@ -21,6 +21,7 @@ from ldm.diffusion.dit import DiT
 from ldm.diffusion.flow import FLOW_SAMPLERS, FlowPrecond, time_shift
 from ldm.diffusion.loss import DenoisingLoss, offset_noise_like
 from ldm.diffusion.mmdit import MMDiT
+from ldm.diffusion.repa import FrozenImageEncoder, RepresentationAlignment
 from ldm.diffusion.loss_weighting import (
     EDMWeighting,
     LossWeighting,
@@ -60,7 +61,7 @@ from ldm.diffusion.unet import UNet
 from ldm.diffusion.unipc import sample_unipc
 
 __all__ = [
-    "DiT", "MMDiT", "FLOW_SAMPLERS", "FlowPrecond", "time_shift",
+    "DiT", "MMDiT", "FrozenImageEncoder", "RepresentationAlignment", "FLOW_SAMPLERS", "FlowPrecond", "time_shift",
     "SAMPLERS", "Cond", "ConditionDropout", "Conditioner", "DenoisingLoss", "Denoiser", "DiscreteSchedule", "EDMPrecond",
     "EDMWeighting", "EpsPrecond", "LogNormalSigmas", "LogitNormalSigmas", "LossWeighting", "MinSNRWeighting",
     "NoWeighting", "Preconditioner", "PriorTransformer", "SigmaSampler", "Step", "StepCallback", "TextEncoder", "UNet", "UniformTimesteps",

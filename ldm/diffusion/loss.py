@@ -11,6 +11,11 @@ Offset noise (Guttenberg 2023): ``noise += offset * n_c`` with one n_c ~ N(0, 1)
 sample and channel, shared over the spatial dimensions, so the model learns to
 change the mean of a channel (very dark or bright images). It needs inputs with
 spatial dimensions (B, C, ...).
+
+Patch masking (MaskDiT, Zheng et al. 2024): ``mask`` (B, 1 | C, ...) weights the squared error per element and the
+per-sample value is the mean over the counted elements, sum(mask * err^2) / sum(mask), so masked patches count
+nothing. Without one, a backbone that drops tokens in training (:class:`~ldm.diffusion.DiT` with ``mask_ratio``) says
+which output elements it predicted from its blocks through ``net.output_mask()`` after the forward, and that is used.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class DenoisingLoss(nn.Module):
 
     def forward(self, precond: Preconditioner, net: nn.Module, x0: Tensor, cond: Cond = None, *,
                 sigma: Tensor | None = None, noise: Tensor | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+                generator: torch.Generator | None = None, mask: Tensor | None = None) -> Tensor:
         if sigma is None:
             sigma = self.sigma_sampler(x0.shape[0], precond, generator, device=x0.device, dtype=x0.dtype)  # (B,)
         sigma = sigma.to(device=x0.device, dtype=x0.dtype)
@@ -62,5 +67,11 @@ class DenoisingLoss(nn.Module):
         x = x0 + sigma.reshape(-1, *([1] * (x0.ndim - 1))) * noise  # (B, ...)
         _, out = precond.raw(net, x, sigma, cond)  # (B, ...)
         target = precond.target(x0, noise, sigma)  # (B, ...)
-        mse = (out - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+        if mask is None and callable(getattr(net, "output_mask", None)):
+            mask = net.output_mask()  # (B, 1, ...) the patches the backbone's blocks saw, or None
+        if mask is None:
+            mse = (out - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+        else:
+            mask = mask.to(out.dtype).expand_as(out)  # (B, ...)
+            mse = (mask * (out - target).pow(2)).flatten(1).sum(dim=1) / mask.flatten(1).sum(dim=1).clamp_min(1)
         return self.weighting(sigma, precond).to(mse.dtype) * mse

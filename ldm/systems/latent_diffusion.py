@@ -20,7 +20,14 @@ denoising loss of :mod:`ldm.diffusion`. This module only wires them:
   samples) fixed per sample key, so curves of different runs compare (``val/loss_t<T>`` per level
   and their mean ``val/loss``); it is the mean over the valid rows of the whole split, reduced
   across ranks once per epoch, the same figure for any world size and batch size
-  (:mod:`ldm.systems.validation`).
+  (:mod:`ldm.systems.validation`);
+* optional representation alignment (REPA, Yu et al. 2025; :mod:`ldm.diffusion.repa`): the tokens of the
+  transformer's block ``repa.depth`` are captured during the denoising forward, projected and aligned with a frozen
+  image encoder's patch features of the clean ``batch["image"]``; ``train/loss`` (what the optimizer sees) is
+  ``train/loss_denoise + repa.weight * train/repa`` (``train/repa``: the unweighted -cos, in [-1, 1]);
+* patch masking (a :class:`~ldm.diffusion.DiT` with ``mask_ratio``) happens inside the backbone and the loss; with
+  ``unmask_after_steps`` the backbone's ``mask_ratio`` is set to 0 from that optimizer step on (MaskDiT's unmasked
+  fine-tuning phase; derived from the global step, so a resumed run is in the right phase).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from ldm.autoencoder.first_stage import FirstStage, IdentityFirstStage
 from ldm.diffusion import DenoisingLoss, EpsPrecond, Preconditioner
 from ldm.diffusion.conditioner import Conditioner
 from ldm.diffusion.inpainting import random_masks
+from ldm.diffusion.repa import RepresentationAlignment
 from ldm.systems.optim import LinearWarmup, Shared, configure
 from ldm.systems.validation import (
     RowMeans,
@@ -81,10 +89,15 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         init_from: a run folder (or .ckpt) whose weights this model starts from: fine-tuning, e.g. of a Stable
             Diffusion run imported with ``ldm convert``. Loaded at construction (so EMA starts from them); a resumed
             run (``--ckpt_path``) then restores its own. The architectures must match (errors name the keys).
+        repa: representation alignment of a transformer backbone's block with a frozen image encoder (an extra loss
+            term; its projector trains with the backbone; needs images in the batch, not precomputed latents).
+        unmask_after_steps: set the backbone's patch-masking ``mask_ratio`` to 0 from this optimizer step on
+            (MaskDiT's unmasked fine-tuning); None keeps it.
     """
 
     #: the validation metric that picks the best checkpoint (``ldm fit``'s default checkpointing)
     checkpoint_monitor = ("val/loss", "min")
+    stage = "latent_diffusion"  # the W&B job_type of its runs (ldm.runs.stage_of)
 
     def __init__(self, unet: nn.Module, first_stage: FirstStage | None = None,
                  conditioner: Conditioner | None = None, precond: Preconditioner | None = None,
@@ -92,10 +105,11 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
                  optimizer: OptimizerCallable = lambda params: torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0),
                  lr_scheduler: LRSchedulerCallable = LinearWarmup,
                  val_timesteps: Sequence[int] = (100, 300, 500, 700, 900), val_sigmas: Sequence[float] | None = None,
-                 val_seed: int = 0, init_from: str | None = None):
+                 val_seed: int = 0, init_from: str | None = None, repa: RepresentationAlignment | None = None,
+                 unmask_after_steps: int | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["unet", "first_stage", "conditioner", "precond", "loss", "optimizer",
-                                          "lr_scheduler"])  # callables: config.yaml holds them
+                                          "lr_scheduler", "repa"])  # callables: config.yaml holds them
         if not 0.0 <= cond_drop <= 1.0:
             raise ValueError(f"cond_drop must be in [0, 1], got {cond_drop}")
         self.unet = unet
@@ -114,6 +128,11 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         self.val_seed = val_seed
         self.val_levels = validation_levels(self.precond, val_timesteps, val_sigmas)  # (names, sigmas)
         self.val_means = RowMeans(fixed_noise_names(self.val_levels))
+        self.repa = repa.fit_to(unet) if repa is not None else None  # the projector trains; the encoder is frozen
+        if unmask_after_steps is not None and not hasattr(unet, "mask_ratio"):
+            raise ValueError(f"unmask_after_steps turns off patch masking, which {type(unet).__name__} has not "
+                             "(a DiT with mask_ratio)")
+        self.unmask_after_steps = unmask_after_steps
         if init_from is not None:
             from ldm.systems.loading import load_weights_into
 
@@ -160,10 +179,24 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         if cond and self.cond_drop > 0:
             cond, drop = self.conditioner.drop(cond, self.cond_drop)
             self.log("train/cond_dropped", drop.float().mean(), batch_size=len(z))
-        losses = self.loss(self.precond, self.unet, z, cond or None)  # (B,)
-        loss = losses.mean()
+        if self.repa is None:
+            loss = self.loss(self.precond, self.unet, z, cond or None).mean()
+        else:
+            if "image" not in batch:
+                raise ValueError("REPA aligns with the image encoder's features of the clean images, but this batch "
+                                 "has precomputed latents and no 'image': train REPA on image shards")
+            with self.repa.capture(self.unet) as captured:
+                denoise = self.loss(self.precond, self.unet, z, cond or None).mean()
+            align = self.repa(captured["tokens"], batch["image"], self.unet.last_grid, self.unet.last_kept).mean()
+            self.log("train/loss_denoise", denoise, batch_size=len(z))
+            self.log("train/repa", align, prog_bar=True, batch_size=len(z))
+            loss = denoise + self.repa.weight * align
         self.log("train/loss", loss, prog_bar=True, batch_size=len(z))
         return loss
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.unmask_after_steps is not None and self.global_step >= self.unmask_after_steps:
+            self.unet.mask_ratio = 0.0  # MaskDiT's unmasked fine-tuning phase
 
     def configure_optimizers(self):
         return configure(self, self.optimizer_fn.value, self.lr_scheduler_fn.value)

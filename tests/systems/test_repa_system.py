@@ -1,0 +1,62 @@
+"""REPA and patch masking in the latent-diffusion system: configs/dit/debug-repa.yaml (the debug DiT aligned with the
+session's debug CLIP run, half of its tokens masked, unmasked from a given step) trains through `ldm fit`, logs
+train/repa, keeps the encoder out of the checkpoint and loads back; REPA refuses what it cannot align."""
+
+import pytest
+import torch
+
+from ldm.checkpoint_files import find_checkpoint, load_checkpoint_file
+from ldm.diffusion import DiT, UNet
+from ldm.diffusion.repa import FrozenImageEncoder, RepresentationAlignment
+from ldm.systems import LatentDiffusion
+from ldm.systems.loading import load_latent_diffusion
+from tests.conftest import REPO
+from tests.stages import DEBUG, LDM_DEBUG, fit, stage_args
+
+DIT = str(REPO / "configs/dit/debug.yaml")
+REPA = str(REPO / "configs/dit/debug-repa.yaml")
+
+
+def test_the_repa_preset_trains_with_masking_and_an_unmasked_phase(shapes_dir, stage_runs, tmp_path):
+    cli = fit(["-c", *DEBUG, "-c", LDM_DEBUG, "-c", DIT, "-c", REPA, *stage_args(stage_runs),
+               f"--model.init_args.repa.init_args.encoder.init_args.checkpoint={stage_runs['clip']}",
+               "--model.init_args.unmask_after_steps=6", f"--data.train={shapes_dir}/train-*.tar",
+               f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0", "--data.batch_size=16",
+               "--trainer.max_steps=7", "--trainer.max_epochs=-1", "--trainer.val_check_interval=7",
+               "--trainer.limit_val_batches=1", f"--run.root={tmp_path}", "--run.version=v"])
+    model = cli.model
+    assert isinstance(model.unet, DiT) and isinstance(model.repa, RepresentationAlignment)
+    assert model.unet.mask_token is not None and model.unet.mask_ratio == 0.0  # unmasked from step 6 on
+    metrics = cli.trainer.callback_metrics
+    repa, denoise, total = (float(metrics[k]) for k in ("train/repa", "train/loss_denoise", "train/loss"))
+    assert -1.0 <= repa <= 1.0 and denoise > 0
+    assert total == pytest.approx(denoise + 0.5 * repa, rel=1e-5)  # train/loss: what the optimizer minimised
+    assert torch.isfinite(metrics["val/loss"])
+    # the projector trained with the backbone; the encoder is frozen and left out of the checkpoint
+    state = load_checkpoint_file(find_checkpoint(cli.run_dir), map_location="cpu")["state_dict"]
+    assert any(k.startswith("repa.projector.") for k in state)
+    assert not any(k.startswith("repa.encoder.") for k in state)
+    opt_params = {id(p) for g in cli.trainer.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in opt_params for p in model.repa.projector.parameters())
+    assert not any(id(p) in opt_params for p in model.repa.encoder.parameters())
+    loaded = load_latent_diffusion(cli.run_dir)  # the encoder rebuilt from its config, strict loading
+    assert torch.equal(loaded.repa.projector[0].weight, state["repa.projector.0.weight"])
+
+
+def small_system(unet, **kwargs) -> LatentDiffusion:
+    return LatentDiffusion(unet, cond_drop=0.0, **kwargs)
+
+
+def test_repa_needs_images_and_a_transformer(stage_runs):
+    encoder = FrozenImageEncoder(checkpoint=str(stage_runs["clip"]))
+    assert encoder.width == 64
+    dit = DiT(in_channels=3, patch_size=8, hidden_size=32, depth=2, num_heads=4)  # pixel space, 32 px: 4 x 4 tokens
+    system = small_system(dit, repa=RepresentationAlignment(encoder, depth=1, hidden=32))
+    with pytest.raises(ValueError, match="precomputed latents and no 'image'"):
+        system.training_step({"latent": torch.randn(2, 3, 32, 32)}, 0)
+    with pytest.raises(TypeError, match="transformer backbone with blocks"):
+        small_system(UNet(in_channels=3, channels=32, channel_mult=[1], num_res_blocks=1, attention_levels=[],
+                          groups=8), repa=RepresentationAlignment(encoder, depth=1, hidden=32))
+    with pytest.raises(ValueError, match="unmask_after_steps turns off patch masking"):
+        small_system(UNet(in_channels=3, channels=32, channel_mult=[1], num_res_blocks=1, attention_levels=[],
+                          groups=8), unmask_after_steps=10)
