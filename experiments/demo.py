@@ -98,6 +98,10 @@ def run_ldm(*args: str) -> None:
     subprocess.run([ldm_command(), *args], check=True)
 
 
+#: the W&B group of the demo's stages (one recipe: they sit together, job_type = the stage)
+DEMO_GROUP = "shapes-demo"
+
+
 def fit_stage(out: Path, name: str, config: str, steps: int, *args: str) -> Path:
     """``ldm fit -c configs/trainer/debug.yaml -c configs/<config> ARGS`` for ``steps`` steps into a fresh
     ``<out>/<name>/demo``; returns that run folder."""
@@ -105,7 +109,8 @@ def fit_stage(out: Path, name: str, config: str, steps: int, *args: str) -> Path
     shutil.rmtree(run, ignore_errors=True)
     run_ldm("fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs" / config), *args,
             f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false",
-            f"--run.root={out}", f"--run.name={name}", "--run.version=demo", "--run.tags=[demo]")
+            f"--run.root={out}", f"--run.name={name}", "--run.version=demo", "--run.tags=[demo]",
+            f"--run.group={DEMO_GROUP}")
     return run
 
 
@@ -208,9 +213,11 @@ def precompute_embeddings(out: Path, clip_run: str, shards: Path) -> Path:
     return emb
 
 
-def train_prior(out: Path, emb: Path, steps: int) -> dict:
-    """`ldm fit` on the debug prior over the embedding shards; its last validation metrics against the baseline."""
-    run = fit_stage(out, "prior", "prior/debug.yaml", steps, f"--data.train={emb}/train-*.tar",
+def train_prior(out: Path, emb: Path, steps: int, clip_run: str | None = None) -> dict:
+    """`ldm fit` on the debug prior over the embedding shards; its last validation metrics against the baseline.
+    ``clip_run``: the CLIP the embeddings came from, recorded as the run's input (W&B lineage CLIP -> prior)."""
+    inputs = [f"--run.inputs=[{clip_run}]"] if clip_run else []
+    run = fit_stage(out, "prior", "prior/debug.yaml", steps, *inputs, f"--data.train={emb}/train-*.tar",
                     f"--data.val={emb}/val-*.tar", "--data.batch_size=32", "--trainer.val_check_interval=1.0",
                     "--trainer.check_val_every_n_epoch=2", "--trainer.limit_val_batches=8")
     keys = ["val/cos_prior", "val/loss", "val/cos_text", "val/r1_prior", "val/r1_text"]
@@ -378,7 +385,7 @@ def main() -> None:
     evaluation = evaluate_ldm(out, ldm_metrics["run"], val_pattern, args.eval_n)
 
     phase(f"[13/15] training the debug diffusion prior for {args.prior_steps} steps -> {out / 'prior'}")
-    prior_metrics = train_prior(out, emb, args.prior_steps)
+    prior_metrics = train_prior(out, emb, args.prior_steps, clip_metrics["run"])
     phase(f"[14/15] training the debug unCLIP decoder for {args.decoder_steps} steps -> {out / 'decoder'}")
     decoder_metrics = train_decoder(out, latents, run, clip_metrics["run"], args.size, args.decoder_steps)
     phase(f"[15/15] text -> prior -> decoder samples and an interpolation strip -> {out / 'unclip_samples.png'}, "

@@ -40,7 +40,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "precompute": ("ldm.tools.precompute", "encode shards with a trained stage (autoencoder latents, CLIP embeddings)"),
     "sample": ("ldm.tools.sample", "sample images for prompts from a trained latent-diffusion run"),
     "eval": ("ldm.tools.evaluate", "FID / KID / IS, CLIP score, FD-CLIP, compositional accuracy of a latent-diffusion run"),
-    "runs": ("ldm.tools.runs", "compare runs: final and best metrics, differing config keys, metric plots"),
+    "runs": ("ldm.tools.runs", "compare runs: final and best metrics, differing config keys, metric plots, an HTML "
+             "dashboard"),
     "convert": ("ldm.tools.convert", "import Stable Diffusion weights (a diffusers folder, a single-file checkpoint) "
                 "into runs, and export runs back"),
     "submit": ("ldm.tools.submit", "run ldm fit on SLURM: one run, a sweep (job array) or a recipe (dependent jobs)"),
