@@ -59,6 +59,26 @@ def sincos_2d(width: int, height: int, dim: int, device=None) -> Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()  # (H*W, dim)
 
 
+def init_dit_weights(model: nn.Module, zero: list[nn.Linear]) -> None:
+    """DiT's initialisation of a transformer backbone with ``patchify``, ``time_embed`` and ``y_embed``: xavier-uniform
+    linears, the patch conv as a linear, N(0, 0.02) timestep and label embeddings, and the ``zero`` layers (the adaLN
+    modulations and the final projection) at zero, so a fresh model predicts 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.xavier_uniform_(model.patchify.weight.view(model.patchify.weight.shape[0], -1))
+    nn.init.zeros_(model.patchify.bias)
+    nn.init.normal_(model.time_embed.linear_1.weight, std=0.02)
+    nn.init.normal_(model.time_embed.linear_2.weight, std=0.02)
+    if isinstance(model.y_embed, nn.Embedding):
+        nn.init.normal_(model.y_embed.weight, std=0.02)
+    for layer in zero:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -150,27 +170,10 @@ class DiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """DiT's initialisation: xavier-uniform linears, the patch conv as a linear, N(0, 0.02) embeddings, and the
-        final modulation and projection at zero (a fresh model predicts 0)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patchify.weight.view(self.patchify.weight.shape[0], -1))
-        nn.init.zeros_(self.patchify.bias)
-        nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
-        nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
-        if isinstance(self.y_embed, nn.Embedding):
-            nn.init.normal_(self.y_embed.weight, std=0.02)
+        init_dit_weights(self, [*(block.modulation[-1] for block in self.blocks), self.modulation_out[-1],
+                                self.proj_out])
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)  # MAE's mask token
-        for block in self.blocks:
-            nn.init.zeros_(block.modulation[-1].weight)
-            nn.init.zeros_(block.modulation[-1].bias)
-        for layer in (self.modulation_out[-1], self.proj_out):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def _check(self, x: Tensor, context: Tensor | None, y: Tensor | None, concat: Tensor | None) -> None:
         p = self.patch_size
@@ -262,5 +265,5 @@ def null_class(model: DiT) -> int:
     return model.num_classes
 
 
-__all__ = ["DiT", "DiTBlock", "PRESETS", "count_tokens", "drop_tokens", "keep_count", "modulate", "null_class",
+__all__ = ["DiT", "DiTBlock", "PRESETS", "init_dit_weights", "count_tokens", "drop_tokens", "keep_count", "modulate", "null_class",
            "restore_tokens", "sincos_2d"]

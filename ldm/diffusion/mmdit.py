@@ -45,7 +45,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.diffusion.dit import modulate
+from ldm.diffusion.dit import init_dit_weights, modulate
 from ldm.nn import TimestepEmbedding
 
 
@@ -193,25 +193,11 @@ class MMDiT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """DiT's initialisation: xavier-uniform linears, the patch conv as a linear, N(0, 0.02) embeddings, the
-        adaLN modulations and the final projection at zero (a fresh model predicts 0)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patchify.weight.view(self.patchify.weight.shape[0], -1))
-        nn.init.zeros_(self.patchify.bias)
-        nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
-        nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
-        if isinstance(self.y_embed, nn.Embedding):
-            nn.init.normal_(self.y_embed.weight, std=0.02)
+        """DiT's initialisation (:func:`~ldm.diffusion.dit.init_dit_weights`), both streams' modulations at zero."""
         layers = [self.modulation_out[-1], self.proj_out]
         for block in self.blocks:
             layers += [block.modulation[-1], block.modulation_ctx[-1]]
-        for layer in layers:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        init_dit_weights(self, layers)
 
     def positions(self, height: int, width: int, device=None) -> Tensor:
         """(height * width, D) sin-cos positions of a grid of patches (SD3's crop, or the integer grid)."""

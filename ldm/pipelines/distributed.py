@@ -153,3 +153,19 @@ def shutdown(ranks: Ranks) -> None:
         dist.barrier()
         dist.destroy_process_group()
 
+
+
+def run_on_ranks(body, args, ranks: Ranks | None = None, level: int = 20) -> int:
+    """A tool's ``body(args, ranks)`` on this process's rank (:func:`init` unless ``ranks`` is given): logging at
+    ``level`` on rank 0 and errors only elsewhere, ``args.quiet`` (no progress bars) off rank 0, and the group left
+    at the end whatever happens."""
+    import logging
+
+    ranks = init() if ranks is None else ranks
+    logging.basicConfig(level=level if ranks.is_main else logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    if hasattr(args, "quiet"):
+        args.quiet = args.quiet or not ranks.is_main
+    try:
+        return body(args, ranks)
+    finally:
+        shutdown(ranks)

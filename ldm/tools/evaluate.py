@@ -141,15 +141,9 @@ def _through_prior(pipe, prior_run: str, device: str):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ldm.pipelines.distributed import init, shutdown
+    from ldm.pipelines.distributed import run_on_ranks
 
-    ranks = init()
-    logging.basicConfig(level=logging.WARNING if ranks.is_main else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return _main(args, ranks)
-    finally:
-        shutdown(ranks)
+    return run_on_ranks(_main, args, level=logging.WARNING)
 
 
 def _main(args, ranks) -> int:

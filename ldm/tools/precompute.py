@@ -67,17 +67,11 @@ def _parser() -> ToolParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ldm.pipelines.distributed import init, shutdown
+    from ldm.pipelines.distributed import init, run_on_ranks
 
     ranks = init()
-    logging.basicConfig(level=logging.INFO if ranks.is_main else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
     args.device = ranks.device(args.device)
-    args.quiet = args.quiet or not ranks.is_main
-    try:
-        return _main(args, ranks)
-    finally:
-        shutdown(ranks)
+    return run_on_ranks(_main, args, ranks, level=logging.INFO)
 
 
 def _main(args, ranks) -> int:

@@ -358,22 +358,14 @@ def run_mode(job: Job, prompts: list[str], size: int, shape: tuple[int, int] | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from ldm.pipelines.distributed import Ranks, init, launch_environment, shutdown
+    from ldm.pipelines.distributed import Ranks, launch_environment, run_on_ranks
 
     if args.mode != "text":  # the other modes are small: rank 0 runs them alone, the other ranks exit
         launch = launch_environment()
         if launch is not None and launch.rank != 0:
             return 0
-        ranks = Ranks()
-    else:
-        ranks = init()
-    logging.basicConfig(level=logging.WARNING if ranks.is_main else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
-    args.quiet = args.quiet or not ranks.is_main
-    try:
-        return _main(args, ranks)
-    finally:
-        shutdown(ranks)
+        return run_on_ranks(_main, args, Ranks(), level=logging.WARNING)
+    return run_on_ranks(_main, args, level=logging.WARNING)
 
 
 def _main(args, ranks) -> int:
