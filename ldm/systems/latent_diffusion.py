@@ -172,6 +172,24 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         """``model_fn(x, sigma, cond) -> x0_hat`` for the samplers."""
         return self.precond.bind(self.unet)
 
+    @torch.no_grad()
+    def flops_per_sample(self, batch: dict) -> int:
+        """Training FLOPs per sample: 3 x the network's forward FLOPs on the first sample of ``batch`` (forward +
+        backward, the usual MFU convention; the frozen stages' inference is not counted), counted by torch's
+        ``FlopCounterMode``. The random state is restored afterwards, so counting changes no training step."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        one = {k: v[:1] if isinstance(v, (Tensor, list, tuple)) else v for k, v in batch.items()}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            z = self.latents(one)  # (1, C, h, w)
+            cond = self.conditioner.with_concat(self.condition(one), z) or {}
+            sigma = torch.ones(1, device=z.device, dtype=z.dtype)
+            counter = FlopCounterMode(display=False)
+            with counter:
+                self.precond.raw(self.unet, z, sigma, cond)
+        return 3 * int(counter.get_total_flops())
+
     # -- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         z = self.latents(batch)  # (B, C, h, w)
