@@ -54,4 +54,4 @@ def test_precomputed_embeddings_compose_with_latents(tmp_path):
 
 def test_precompute_embeddings_command_errors_clearly(tmp_path):
     res = run_ldm(["precompute", "embeddings", "--shards", "x.tar", "--out", "o"], cwd=tmp_path)
-    assert res.returncode == 2 and "either checkpoint" in res.stderr
+    assert res.returncode == 2 and "give one of checkpoint (a contrastive run), model_name" in res.stderr
