@@ -20,6 +20,8 @@ def _as_before_issue_15(run_dir, old_dir) -> None:
     args = config["model"]["init_args"]
     moved = args.pop("conditioner")["init_args"]
     moved["vector_cond"] = moved.pop("vector")
+    for later in ("null", "mask_padding"):  # options the conditioner got after issue 15 (issue 17)
+        moved.pop(later)
     args.update(moved)
     (old_dir / "config.yaml").write_text(yaml.safe_dump(config))
     for ckpt in (old_dir / "checkpoints").glob("*.ckpt"):
