@@ -16,11 +16,17 @@ from tests.stages import DEBUG, stage_args
 CONFIGS = sorted(p.name for p in (REPO / "configs/ldm").glob("*.yaml"))
 
 
+def _base(config: str) -> list[str]:
+    """An overlay (no model class_path of its own, e.g. debug-flow.yaml) composes after the debug preset."""
+    model = (yaml.safe_load((REPO / "configs/ldm" / config).read_text()) or {}).get("model") or {}
+    return [] if "class_path" in model else ["-c", str(REPO / "configs/ldm/debug.yaml")]
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_ldm_config_parses(config, shapes_dir, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "-c", *DEBUG, "-c", str(REPO / "configs/ldm" / config), f"--data.train={shapes_dir}/train-*.tar",
-              "--print_config"])
+        main(["fit", "-c", *DEBUG, *_base(config), "-c", str(REPO / "configs/ldm" / config),
+              f"--data.train={shapes_dir}/train-*.tar", "--print_config"])
     assert exc.value.code == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"]["class_path"] == "ldm.systems.LatentDiffusion"
