@@ -142,6 +142,7 @@ def test_the_sweep_template_runs_ldm_fit_with_the_agents_arguments(capsys, monke
 # ---- a two-stage chain, offline ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_offline_runs_hold_stage_group_artifacts_lineage_monitors_and_summaries(shapes_dir, tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_CACHE_DIR": str(tmp_path / "cache"),
            "WANDB_DATA_DIR": str(tmp_path / "data"), "WANDB_CONFIG_DIR": str(tmp_path / "config"),

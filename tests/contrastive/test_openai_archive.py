@@ -33,6 +33,7 @@ def openai_file(tmp_path_factory):
     return path, clip.float().eval()
 
 
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_an_openai_archive_loads_with_its_weights(openai_file):
     path, reference = openai_file
     assert is_torchscript(path)
@@ -46,6 +47,7 @@ def test_an_openai_archive_loads_with_its_weights(openai_file):
     assert encoder.width == 512 and encoder.has_image_tower
 
 
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_an_openai_archive_under_a_gelu_model_name_is_refused(openai_file):
     path, _ = openai_file
     with pytest.raises(ValueError, match="QuickGELU.*ViT-B-32-quickgelu|-quickgelu"):

@@ -43,6 +43,7 @@ def test_the_flow_run_samples_with_euler_and_heun_only(flow_run):
         pipe(["a red circle"], SamplerSettings(sampler="dpmpp_2m", steps=4), image_size=32, progress=False)
 
 
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_the_dit_preset_trains_and_ldm_sample_draws_from_it(shapes_dir, stage_runs, tmp_path):
     from ldm.cli import main
     from ldm.diffusion import DiT

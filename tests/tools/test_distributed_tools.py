@@ -121,6 +121,7 @@ def _shard_samples(folder: Path) -> dict[tuple[str, str], bytes]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_eval_on_two_processes_reports_the_numbers_of_one(ldm_run, inception_file, tmp_path):
     args = ["eval", "--ckpt", str(ldm_run.run_dir), "--n", "7", "--steps", "2", "--batch-size", "2",
             "--inception", str(inception_file), "--no-cache", "--grid", "4", "--quiet"]
@@ -138,6 +139,7 @@ def test_eval_on_two_processes_reports_the_numbers_of_one(ldm_run, inception_fil
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_sample_on_two_processes_writes_the_same_files(ldm_run, tmp_path):
     args = ["sample", "--ckpt", str(ldm_run.run_dir), "--prompt", "a red circle", "--prompt", "a blue square",
             "--n", "3", "--steps", "2", "--batch-size", "2", "--seed", "7", "--quiet"]
@@ -155,6 +157,7 @@ def test_sample_on_two_processes_writes_the_same_files(ldm_run, tmp_path):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_precompute_on_two_processes_writes_the_samples_of_one(stage_runs, shapes_dir, tmp_path):
     args = ["precompute", "latents", "--ckpt", str(stage_runs["ae"]), "--shards", f"{shapes_dir}/*-*.tar",
             "--batch-size", "16", "--std", "--quiet"]

@@ -4,6 +4,7 @@ from the offline run's transaction log)."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from ldm.tools.eval_wandb import eval_wandb_mode
@@ -11,6 +12,7 @@ from tests.conftest import run_ldm
 from tests.test_wandb_dashboard import wandb_records
 
 
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_eval_logs_an_eval_run_with_its_lineage(ldm_run, inception_file, tmp_path):
     args = ["eval", "--ckpt", ldm_run.run_dir, "--num-images", "4", "--steps", "2", "--guidance-sweep", "1,3",
             "--batch-size", "4", "--no-clip", "--inception", str(inception_file), "--quiet", "--out", "e",

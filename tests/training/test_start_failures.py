@@ -58,6 +58,7 @@ def test_a_malformed_yaml_is_named(tmp_path):
 
 
 @pytest.mark.timeout(200)
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_two_runs_never_share_a_run_folder(shapes_dir, tmp_path):
     first = run_ldm(_toy(shapes_dir, "--run.version=shared"), cwd=tmp_path, timeout=100)
     assert first.returncode == 0, first.stderr[-3000:]
