@@ -290,6 +290,7 @@ def test_the_dit_xl2_preset_is_xl2_with_text():
     assert _count(xl2) == 674_834_720 and _count(model) == expected == 799_933_840
 
 
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_a_tiny_mmdit_trains_with_ldm_fit_and_samples(shapes_dir, stage_runs, tmp_path):
     """The DiT debug preset with the backbone swapped for an MMDiT on the command line (the pooled text as y):
     the Conditioner feeds it (tokens, mask, pooled vector, the null condition), `ldm sample` draws from it."""

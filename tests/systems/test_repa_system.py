@@ -17,6 +17,7 @@ DIT = str(REPO / "configs/dit/debug.yaml")
 REPA = str(REPO / "configs/dit/debug-repa.yaml")
 
 
+@pytest.mark.slow  # make test-all (keeps make test within its 15 minutes)
 def test_the_repa_preset_trains_with_masking_and_an_unmasked_phase(shapes_dir, stage_runs, tmp_path):
     cli = fit(["-c", *DEBUG, "-c", LDM_DEBUG, "-c", DIT, "-c", REPA, *stage_args(stage_runs),
                f"--model.init_args.repa.init_args.encoder.init_args.checkpoint={stage_runs['clip']}",
