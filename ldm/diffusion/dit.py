@@ -59,6 +59,16 @@ def sincos_2d(width: int, height: int, dim: int, device=None) -> Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()  # (H*W, dim)
 
 
+def label_or_vector_embedder(num_classes: int | None, y_dim: int | None, width: int) -> nn.Module | None:
+    """The ``y`` route of a transformer backbone into its condition vector: class labels with one extra null class
+    (DiT's label embedder), or an MLP of a vector (pooled text / CLIP embedding); None without either."""
+    if num_classes is not None:
+        return nn.Embedding(num_classes + 1, width)  # + the null class
+    if y_dim is not None:
+        return nn.Sequential(nn.Linear(y_dim, width), nn.SiLU(), nn.Linear(width, width))
+    return None
+
+
 def init_dit_weights(model: nn.Module, zero: list[nn.Linear]) -> None:
     """DiT's initialisation of a transformer backbone with ``patchify``, ``time_embed`` and ``y_embed``: xavier-uniform
     linears, the patch conv as a linear, N(0, 0.02) timestep and label embeddings, and the ``zero`` layers (the adaLN
@@ -157,12 +167,7 @@ class DiT(nn.Module):
         self.last_grid: tuple[int, int] | None = None  # (rows, cols) of the token grid of the last forward
         self.patchify = nn.Conv2d(in_channels + concat_channels, hidden_size, patch_size, stride=patch_size)
         self.time_embed = TimestepEmbedding(256, hidden_size)  # DiT's 256 frequencies, then an MLP
-        if num_classes is not None:
-            self.y_embed: nn.Module | None = nn.Embedding(num_classes + 1, hidden_size)  # + the null class
-        elif y_dim is not None:
-            self.y_embed = nn.Sequential(nn.Linear(y_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        else:
-            self.y_embed = None
+        self.y_embed = label_or_vector_embedder(num_classes, y_dim, hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.modulation_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))

@@ -45,7 +45,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ldm.diffusion.dit import init_dit_weights, modulate
+from ldm.diffusion.dit import init_dit_weights, label_or_vector_embedder, modulate
 from ldm.nn import TimestepEmbedding
 
 
@@ -178,12 +178,7 @@ class MMDiT(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.patchify = nn.Conv2d(in_channels + concat_channels, hidden_size, patch_size, stride=patch_size)
         self.time_embed = TimestepEmbedding(256, hidden_size)  # 256 frequencies, then an MLP (SD3's, DiT's)
-        if num_classes is not None:
-            self.y_embed: nn.Module | None = nn.Embedding(num_classes + 1, hidden_size)  # + the null class
-        elif y_dim is not None:
-            self.y_embed = nn.Sequential(nn.Linear(y_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        else:
-            self.y_embed = None
+        self.y_embed = label_or_vector_embedder(num_classes, y_dim, hidden_size)
         self.context_embedder = nn.Linear(context_dim, hidden_size)
         self.blocks = nn.ModuleList(JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, i == depth - 1)
                                     for i in range(depth))
