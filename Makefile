@@ -10,7 +10,7 @@ STAMP := $(VENV)/.ldm-installed
 # pip's configured local indexes print one harmless line per missing package: keep the log readable
 PIPFILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install browser demo test test-all test-slurm bench clean cluster-up cluster-down
+.PHONY: install browser demo test test-all test-slow test-slurm bench clean cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -42,6 +42,10 @@ test: $(STAMP) browser
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest
+
+# only the tests marked slow (long end-to-end fits, multi-process runs): CI runs them after make test
+test-slow: $(STAMP) browser
+	$(PY) -m pytest -m "slow and not gpu and not slurm" --durations=10
 
 # ldm submit, preemption and requeue on a real one-node Slurm cluster started here (root; apt installs
 # slurm-wlm and munge where missing), stopped afterwards

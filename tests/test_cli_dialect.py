@@ -83,6 +83,7 @@ def _metrics(run_dir):
     return {k: float(v) for row in rows for k, v in row.items() if v and "/" in k}
 
 
+@pytest.mark.slow  # a fit and a test run (about 20 s)
 def test_ldm_test_runs_the_validation_on_data_test(shapes_dir, tmp_path):
     (tmp_path / "t").mkdir(), (tmp_path / "v").mkdir()
     args = ["-c", DEBUG, "-c", str(REPO / "configs/autoencoder/kl-f4-debug.yaml"),

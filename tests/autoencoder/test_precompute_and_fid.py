@@ -3,6 +3,7 @@
 import math
 import os
 
+import pytest
 import pytorch_lightning as L
 import torch
 
@@ -46,6 +47,7 @@ def test_precomputed_latents_match_the_direct_path_and_resume(tmp_path):
     assert (out / "train-000001.tar").is_file() and not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # an autoencoder fit and ldm precompute (about 30 s); the precompute writer is tested above
 def test_precompute_command_on_a_trained_run(shapes_dir, tmp_path):
     res = run_ldm(["fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/autoencoder/kl-f4-debug.yaml"),
                    f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar",

@@ -61,6 +61,7 @@ def _wait_for(path: Path, proc, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # three fits (about 46 s); make test-slurm sends USR1 on a real cluster, SIGTERM is tested below
 @pytest.mark.timeout(400)
 def test_usr1_checkpoints_the_current_step_requeues_once_and_the_requeued_job_resumes_exactly(shapes_dir, tmp_path):
     env, calls = _scontrol(tmp_path)

@@ -120,6 +120,7 @@ def _rank_worker(rank, world, port, weights, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes (about 20 s); ldm eval over two processes is checked in tests/tools/test_distributed_tools.py
 @pytest.mark.timeout(240)
 def test_two_ranks_give_the_single_process_values(inception_file, single_process, tmp_path):
     out = tmp_path / "two.pt"

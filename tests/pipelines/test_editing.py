@@ -174,6 +174,7 @@ def test_random_inpainting_masks():
     assert torch.equal(concat[:, :4], z * (1 - masks))
 
 
+@pytest.mark.slow  # a 150-step fit (about 28 s); the concat route's inputs are checked above without training
 def test_inpainting_model_reads_the_known_region_through_its_concat_channels(shapes_dir, stage_runs, tmp_path):
     from tests.stages import DEBUG, fit, stage_args
 

@@ -17,6 +17,7 @@ def test_latent_diffusion_resume_is_exact(shapes_dir, stage_runs, tmp_path):
     assert_same_second_half(straight, resumed)
 
 
+@pytest.mark.slow  # two autoencoder fits (about 21 s); the LDM and CLIP resume tests stay in make test
 @pytest.mark.timeout(400)
 def test_autoencoder_resume_is_exact_across_the_gan_switch(shapes_dir, tmp_path):
     args = ["-c", DEBUG, "-c", str(REPO / "configs/autoencoder/kl-f4-debug.yaml"),

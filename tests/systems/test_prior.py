@@ -268,6 +268,7 @@ def test_sample_cli_unclip_modes(unclip, embeddings, tmp_path, monkeypatch, caps
     assert "not a diffusion-prior run" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two prior fits (about 25 s); the LDM and CLIP resume tests stay in make test
 @pytest.mark.timeout(400)
 def test_prior_resume_is_exact(embeddings, tmp_path):
     from tests.training.test_resume import assert_same_second_half, interrupted_vs_straight
