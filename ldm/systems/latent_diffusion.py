@@ -23,7 +23,8 @@ denoising loss of :mod:`ldm.diffusion`. This module only wires them:
   (:mod:`ldm.systems.validation`);
 * optional representation alignment (REPA, Yu et al. 2025; :mod:`ldm.diffusion.repa`): the tokens of the
   transformer's block ``repa.depth`` are captured during the denoising forward, projected and aligned with a frozen
-  image encoder's patch features of the clean ``batch["image"]``; ``train/loss`` (what the optimizer sees) is
+  image encoder's patch features of the clean ``batch["image"]`` (on latent shards: the first stage's decoding of
+  the latent); ``train/loss`` (what the optimizer sees) is
   ``train/loss_denoise + repa.weight * train/repa`` (``train/repa``: the unweighted -cos, in [-1, 1]);
 * patch masking (a :class:`~ldm.diffusion.DiT` with ``mask_ratio``) happens inside the backbone and the loss; with
   ``unmask_after_steps`` the backbone's ``mask_ratio`` is set to 0 from that optimizer step on (MaskDiT's unmasked
@@ -90,7 +91,8 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
             Diffusion run imported with ``ldm convert``. Loaded at construction (so EMA starts from them); a resumed
             run (``--ckpt_path``) then restores its own. The architectures must match (errors name the keys).
         repa: representation alignment of a transformer backbone's block with a frozen image encoder (an extra loss
-            term; its projector trains with the backbone; needs images in the batch, not precomputed latents).
+            term; its projector trains with the backbone; on precomputed latents the encoder sees the first stage's
+            decoding of each latent).
         unmask_after_steps: set the backbone's patch-masking ``mask_ratio`` to 0 from this optimizer step on
             (MaskDiT's unmasked fine-tuning); None keeps it.
     """
@@ -164,6 +166,14 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
             z = z + std * eps
         return z
 
+    @torch.no_grad()
+    def clean_images(self, batch: dict) -> Tensor:
+        """The clean [-1, 1] images REPA's encoder sees: the batch's own, or, on precomputed latent shards (no
+        ``image``), the first stage's decoding of the latent (its reconstruction of the image)."""
+        if "image" in batch:
+            return batch["image"]
+        return self.first_stage.decode(batch["latent"]).clamp(-1, 1)
+
     def condition(self, batch: dict) -> dict[str, Tensor]:
         """The U-Net's condition for a batch (the conditioner's; {} for an unconditional model)."""
         return self.conditioner(batch)
@@ -200,12 +210,10 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         if self.repa is None:
             loss = self.loss(self.precond, self.unet, z, cond or None).mean()
         else:
-            if "image" not in batch:
-                raise ValueError("REPA aligns with the image encoder's features of the clean images, but this batch "
-                                 "has precomputed latents and no 'image': train REPA on image shards")
             with self.repa.capture(self.unet) as captured:
                 denoise = self.loss(self.precond, self.unet, z, cond or None).mean()
-            align = self.repa(captured["tokens"], batch["image"], self.unet.last_grid, self.unet.last_kept).mean()
+            align = self.repa(captured["tokens"], self.clean_images(batch), self.unet.last_grid,
+                              self.unet.last_kept).mean()
             self.log("train/loss_denoise", denoise, batch_size=len(z))
             self.log("train/repa", align, prog_bar=True, batch_size=len(z))
             loss = denoise + self.repa.weight * align

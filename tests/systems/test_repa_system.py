@@ -1,6 +1,7 @@
 """REPA and patch masking in the latent-diffusion system: configs/dit/debug-repa.yaml (the debug DiT aligned with the
 session's debug CLIP run, half of its tokens masked, unmasked from a given step) trains through `ldm fit`, logs
-train/repa, keeps the encoder out of the checkpoint and loads back; REPA refuses what it cannot align."""
+train/repa, keeps the encoder out of the checkpoint and loads back; on latent shards REPA sees the first stage's
+decoding; REPA refuses what it cannot align."""
 
 import pytest
 import torch
@@ -48,13 +49,24 @@ def small_system(unet, **kwargs) -> LatentDiffusion:
     return LatentDiffusion(unet, cond_drop=0.0, **kwargs)
 
 
-def test_repa_needs_images_and_a_transformer(stage_runs):
+def test_repa_on_precomputed_latents_aligns_with_the_first_stages_decoding(stage_runs):
+    """Latent shards carry no image: REPA's encoder then sees the first stage's decoding of the latent. In pixel
+    space (identity first stage) that is the latent itself, so the step equals the step on the same images."""
     encoder = FrozenImageEncoder(checkpoint=str(stage_runs["clip"]))
-    assert encoder.width == 64
     dit = DiT(in_channels=3, patch_size=8, hidden_size=32, depth=2, num_heads=4)  # pixel space, 32 px: 4 x 4 tokens
     system = small_system(dit, repa=RepresentationAlignment(encoder, depth=1, hidden=32))
-    with pytest.raises(ValueError, match="precomputed latents and no 'image'"):
-        system.training_step({"latent": torch.randn(2, 3, 32, 32)}, 0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(0)
+    on_latents = system.training_step({"latent": x}, 0)
+    torch.manual_seed(0)
+    on_images = system.training_step({"image": x}, 0)
+    assert torch.isfinite(on_latents) and torch.equal(on_latents, on_images)
+    assert torch.equal(system.clean_images({"latent": x * 3}), (x * 3).clamp(-1, 1))  # decoded images are clamped
+
+
+def test_repa_needs_a_transformer(stage_runs):
+    encoder = FrozenImageEncoder(checkpoint=str(stage_runs["clip"]))
+    assert encoder.width == 64
     with pytest.raises(TypeError, match="transformer backbone with blocks"):
         small_system(UNet(in_channels=3, channels=32, channel_mult=[1], num_res_blocks=1, attention_levels=[],
                           groups=8), repa=RepresentationAlignment(encoder, depth=1, hidden=32))
