@@ -81,7 +81,8 @@ def _leaves(tree: object, prefix: str = "") -> list[tuple[str, object]]:
 
 def blame_key(message: str, config: dict) -> str | None:
     """The one config key a failure message points at: a key whose name is a word of the message
-    (``batch_size must be >= 1``), else the one key whose value it quotes (a checkpoint path, ``-5``)."""
+    (``batch_size must be >= 1``), else the one key whose value it quotes (a checkpoint path, ``-5``; not a value
+    that is one plain word)."""
     every = [(k, v) for k, v in _leaves(config) if not k.startswith(("config", "__"))]
     leaves = [(k, v) for k, v in every if v is not None and not isinstance(v, bool)]
     def named(key: str) -> bool:  # "data.val" for data.init_args.val, or an identifier like batch_size
@@ -92,7 +93,8 @@ def blame_key(message: str, config: dict) -> str | None:
     by_name = [k for k, _ in every if named(k)]
     if len(by_name) == 1:
         return by_name[0]
-    by_value = [k for k, v in leaves if len(str(v)) >= 2
+    # a value that is one plain word ("last", "cosine") also occurs in prose ("most recent call last"): not by value
+    by_value = [k for k, v in leaves if len(str(v)) >= 2 and not re.fullmatch(r"[A-Za-z]+", str(v))
                 and re.search(rf"(?<![\w./-]){re.escape(str(v))}(?![\w/]|\.\d)", message)]
     return by_value[0] if len(by_value) == 1 else None
 

@@ -1,4 +1,4 @@
-from ldm.config_errors import summarize
+from ldm.config_errors import describe_failure, summarize
 
 NESTED = """Parser key "data":
   Does not validate against any of the Union subtypes
@@ -34,3 +34,16 @@ def test_flat_messages():
     assert summarize('Parser key "config": File does not exist: \'x.yaml\'') == [
         "config: File does not exist: 'x.yaml'"]
     assert summarize("unrecognized arguments: --trainer.max_stepz=3") == []
+
+
+def test_a_failure_is_blamed_on_the_key_it_names_or_quotes_but_not_on_a_plain_word():
+    config = {"data": {"init_args": {"batch_size": 0, "train": "/x/train-*.tar"}},
+              "run": {"log_checkpoints": "last", "name": "demo"}}
+    assert describe_failure(ValueError("batch_size must be >= 1"), config) == \
+        "data.init_args.batch_size: batch_size must be >= 1"
+    assert describe_failure(FileNotFoundError("no shard matches /x/train-*.tar"), config) == \
+        "data.init_args.train: no shard matches /x/train-*.tar"
+    # a data-loader worker's error carries its traceback: "most recent call last" is not run.log_checkpoints
+    worker = RuntimeError("Caught RuntimeError in DataLoader worker process 0. Original Traceback (most recent "
+                          "call last): ... 50 shards in a row gave no usable sample")
+    assert describe_failure(worker, config).startswith("RuntimeError: Caught RuntimeError in DataLoader worker")
