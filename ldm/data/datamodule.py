@@ -6,8 +6,10 @@ evaluation stays exact, and :mod:`ldm.data.batch` for the keys of a batch.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -44,12 +46,36 @@ def ignore_preemption_signal(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
 
 
+#: the live workers of every PreemptionSafeLoader of this process (killed at exit: see _kill_workers_at_exit)
+_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_workers_at_exit() -> None:
+    """Kill the loader workers still running when the process exits.
+
+    They ignore SIGTERM, and at exit Python's multiprocessing ends its daemonic children with SIGTERM and
+    then waits for them: a worker whose loader was not shut down (an error raised from a worker, whose
+    traceback keeps the loader's iterator alive) kept ``ldm fit`` waiting forever after it had printed
+    its error. Registered after multiprocessing's own exit hook, so it runs first. Workers hold nothing
+    to save: they only read shards."""
+    workers = [w for w in list(_WORKERS) if w.is_alive()]
+    if workers:  # torch's SIGCHLD handler would report the kill as a failed worker
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
 class PreemptionSafeLoader(DataLoader):
     """A DataLoader whose workers never act on SLURM's preemption signals (USR1, SIGTERM).
 
     The workers are created with the signals blocked (a forked or spawned process inherits the signal
     mask) and unblock it only after ignoring it (:func:`ignore_preemption_signal`, run before any
     ``worker_init_fn`` given here): there is no window in which a starting worker could handle it.
+    As they ignore SIGTERM, the ones still running when the process exits are killed
+    (:func:`_kill_workers_at_exit`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -62,9 +88,11 @@ class PreemptionSafeLoader(DataLoader):
             return super()._get_iterator()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         try:
-            return super()._get_iterator()  # the workers start here
+            iterator = super()._get_iterator()  # the workers start here
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _WORKERS.update(getattr(iterator, "_workers", ()))  # torch's multi-process iterator keeps its processes there
+        return iterator
 
 
 class _Chain:

@@ -168,6 +168,27 @@ def test_unreadable_training_data_raises_instead_of_hanging(tmp_path):
         next(iter(dm.train_dataloader()))
 
 
+@pytest.mark.timeout(200)
+def test_ldm_fit_on_unreadable_shards_with_loader_workers_exits_with_its_error(shapes_dir, tmp_path):
+    """A worker's error keeps the loader alive in its traceback; the workers ignore SIGTERM (preemption), so at exit
+    Python's multiprocessing waited for them forever: ldm fit printed its error and hung. It must exit (code 2)."""
+    import subprocess
+
+    from tests.conftest import REPO, run_ldm
+
+    _tar(tmp_path / "bad-0.tar", [(f"{i:05d}.json", b"{}") for i in range(3)])  # samples without images
+    try:
+        done = run_ldm(["fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "tests/configs/toy.yaml"),
+                        f"--data.train={tmp_path}/bad-0.tar", f"--data.val={shapes_dir}/val-*.tar",
+                        "--data.num_workers=1", "--data.samples_per_epoch=16", "--trainer.max_steps=2",
+                        f"--run.root={tmp_path}/runs"],
+                       cwd=tmp_path, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("ldm fit hung after its data loader worker failed")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "gave no usable sample" in done.stderr and "run.log_checkpoints" not in done.stderr
+
+
 def test_epoch_too_small_for_a_batch_is_an_error(shapes_dir):
     dm = _dm(shapes_dir, samples_per_epoch=5)
     with pytest.raises(ValueError, match="cannot fill one batch"):
