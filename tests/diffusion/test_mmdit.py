@@ -314,3 +314,23 @@ def test_a_tiny_mmdit_trains_with_ldm_fit_and_samples(shapes_dir, stage_runs, tm
     assert main(["sample", "--ckpt", str(cli.run_dir), "--prompt", "a red circle", "--sampler", "euler",
                  "--steps", "4", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def test_the_shapes_dit_preset_parses_over_the_shapes_unet_preset_and_is_dit_s2(tmp_path, capsys):
+    from ldm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", TRAINER, "-c", str(REPO / "configs/ldm/shapes-kl-f4.yaml"),
+              "-c", str(REPO / "configs/dit/shapes-dit-s2.yaml"), f"--data.train={tmp_path}/train-*.tar",
+              "--print_config"])
+    assert exc.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    model = config["model"]["init_args"]
+    assert model["unet"]["class_path"] == "ldm.diffusion.DiT" and "channels" not in model["unet"]["init_args"]
+    assert model["precond"]["class_path"] == "ldm.diffusion.FlowPrecond"
+    assert model["loss"]["init_args"]["weighting"] is None  # the U-Net preset's min-SNR is not carried over
+    assert config["data"]["init_args"]["image_size"] == 64  # the shapes preset's data: 4 x 16 x 16 latents
+    model = DiT(**_unet_args("shapes-dit-s2.yaml"))
+    assert (len(model.blocks), model.hidden_size, model.patch_size) == (12, 384, 2)
+    out = model(torch.randn(2, 4, 16, 16), torch.rand(2), context=torch.randn(2, 5, 64))
+    assert out.shape == (2, 4, 16, 16) and model.last_grid == (8, 8)
