@@ -59,9 +59,20 @@ class Preconditioner(nn.Module):
     def sigma_max(self) -> float:
         raise NotImplementedError
 
-    def initial_noise_scale(self, sigma: Tensor | float) -> Tensor:
-        """Std of the marginal at ``sigma`` for unit-variance data: sqrt(1 + sigma^2)."""
+    def initial_noise_scale(self, sigma: Tensor | float, flow: bool = False) -> Tensor:
+        """Std of the marginal at ``sigma`` for unit-variance data: sqrt(1 + sigma^2). (``flow``: the level is a
+        flow time, for a sampler in a flow model's own space; see :meth:`flow_space`.)"""
         return (1 + torch.as_tensor(sigma) ** 2).sqrt()
+
+    def flow_space(self, sampler: str | None) -> bool:
+        """Whether ``sampler`` runs in this model's flow space (levels t from 1, unscaled noise, the flow denoiser:
+        :class:`~ldm.diffusion.FlowPrecond` with Euler / Heun) rather than the sigma space every sampler knows."""
+        return False
+
+    def sigma_levels(self, steps: int, spacing: SamplingSpacing = "leading") -> Tensor:
+        """``steps`` + 1 descending noise levels ending in 0 (float64): Karras et al.'s between ``sigma_min``
+        and ``sigma_max`` (the spacing of a continuous model; discrete schedules override)."""
+        return karras_sigmas(steps, self.sigma_min, self.sigma_max)
 
     #: c_skip is 1 (eps prediction): D = x + c_out * F saves a multiplication per call
     unit_skip = False
@@ -85,8 +96,8 @@ class Preconditioner(nn.Module):
         """c_out^2: an error of 1 on the network output is an error of c_out^2 on x0 (squared)."""
         return self.coefficients(sigma)[1] ** 2
 
-    def bind(self, net: nn.Module):
-        """The denoiser ``model_fn(x, sigma, cond) -> x0_hat`` for samplers."""
+    def bind(self, net: nn.Module, flow: bool = False):
+        """The denoiser ``model_fn(x, sigma, cond) -> x0_hat`` for samplers (``flow``: see :meth:`flow_space`)."""
         return partial(self.forward, net)
 
 
@@ -110,6 +121,12 @@ class VPPrecond(Preconditioner):
     @property
     def sigma_max(self) -> float:
         return self.schedule.sigma_max
+
+    def sigma_levels(self, steps: int, spacing: SamplingSpacing = "leading") -> Tensor:
+        """The schedule's own timesteps (``spacing`` leading / trailing / linspace), or Karras levels for ``karras``."""
+        if spacing == "karras":
+            return super().sigma_levels(steps, spacing)
+        return self.schedule.sigmas_for(steps, spacing)
 
     def _c_in(self, sigma: Tensor) -> Tensor:
         return (1 + sigma**2).rsqrt()
@@ -160,7 +177,7 @@ class EDMPrecond(Preconditioner):
     def sigma_from_noise_cond(self, c_noise):
         return (4 * c_noise).exp()
 
-    def initial_noise_scale(self, sigma):
+    def initial_noise_scale(self, sigma, flow: bool = False):
         return (torch.as_tensor(sigma) ** 2 + self.sigma_data**2).sqrt()
 
     @property
@@ -172,17 +189,17 @@ class EDMPrecond(Preconditioner):
         return self._sigma_max
 
 
-def sampling_sigmas(precond: Preconditioner, steps: int, spacing: SamplingSpacing = "leading") -> Tensor:
+def sampling_sigmas(precond: Preconditioner, steps: int, spacing: SamplingSpacing = "leading",
+                    flow: bool = False) -> Tensor:
     """The noise levels of ``steps`` sampling steps: descending, ending in exactly one 0 (length steps + 1).
 
     A discrete VP model samples its own timesteps (``spacing`` leading / trailing / linspace); ``karras``,
     and every continuous model (EDM), use Karras et al.'s levels between the preconditioner's
-    ``sigma_min`` and ``sigma_max``. A flow-matching model samples its flow times (``spacing`` does not apply).
+    ``sigma_min`` and ``sigma_max``; a flow-matching model its flow times as sigmas (:mod:`ldm.diffusion.flow`).
+    With ``flow`` (a flow model's Euler / Heun: :meth:`Preconditioner.flow_space`) the levels are the flow times
+    themselves, from 1 (``spacing`` does not apply).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if getattr(precond, "sampling_space", None) == "flow":  # flow times t (ldm.diffusion.flow), shifted
-        return precond.sampling_levels(steps).float()
-    if spacing != "karras" and isinstance(precond, VPPrecond):
-        return precond.schedule.sigmas_for(steps, spacing).float()
-    return karras_sigmas(steps, precond.sigma_min, precond.sigma_max).float()  # already ends in 0
+    levels = precond.sampling_levels(steps) if flow else precond.sigma_levels(steps, spacing)
+    return levels.float()

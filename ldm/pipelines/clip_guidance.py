@@ -62,7 +62,11 @@ class ClipGuided(TextToImage):
         self.clip = clip.to(system.device).eval().requires_grad_(False)
         self.scale, self.noised, self.through_denoiser = scale, noised, through_denoiser
 
-    def denoiser_for(self, prompts: Sequence[str], cond, uncond, settings: SamplerSettings):
+    def flow_space(self, settings: SamplerSettings) -> bool:
+        """CLIP guidance reads sigma-space levels: a flow model's Euler / Heun run in the sigma-space view here."""
+        return False
+
+    def denoiser_for(self, prompts: Sequence[str], cond, uncond, settings: SamplerSettings, flow: bool = False):
         model_fn = self.guided_denoiser(cond, uncond, settings)
         if self.scale == 0:
             return model_fn

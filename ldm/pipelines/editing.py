@@ -43,9 +43,6 @@ def _denoiser(pipe: TextToImage, prompts: Sequence[str], settings: SamplerSettin
     """(guided denoiser, condition) for the prompts (and the negative prompt of ``settings``); an inpainting-trained
     model also gets the known latents and the mask (default: generate everything) in its concat channels; a decoder
     of CLIP embeddings is conditioned on ``embeddings`` when given."""
-    if getattr(pipe.system.precond, "sampling_space", None) == "flow":
-        raise ValueError("img2img, inpainting and inversion start from a noised image in the sigma space; they are "
-                         "not available for flow-matching models yet (text -> image is)")
     cond, uncond = pipe.conditions(prompts, like, settings, embeddings=embeddings, known=known, mask=mask)
     return pipe.denoiser_for(prompts, cond, uncond, settings), cond
 

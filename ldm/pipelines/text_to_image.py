@@ -70,19 +70,12 @@ def sampler_options(settings: SamplerSettings) -> dict:
     return {"eta": settings.eta} if "eta" in inspect.signature(SAMPLERS[settings.sampler]).parameters else {}
 
 
-def check_flow_settings(precond, settings: SamplerSettings) -> None:
-    """A flow-matching model samples in its flow space, where only Euler / Heun steps are right
-    (:mod:`ldm.diffusion.flow`); say so instead of sampling something wrong."""
-    if getattr(precond, "sampling_space", None) != "flow":
-        return
-    from ldm.diffusion.flow import FLOW_SAMPLERS
-
-    if settings.sampler not in FLOW_SAMPLERS:
-        raise ValueError(f"a flow-matching model samples with {' or '.join(FLOW_SAMPLERS)} (its steps are the flow "
-                         f"Euler / Heun steps), not {settings.sampler!r}")
+def check_flow_settings(settings: SamplerSettings) -> None:
+    """A flow model's Euler / Heun steps in its flow space (:mod:`ldm.diffusion.flow`) are deterministic and
+    unrescaled (diffusers' FlowMatch schedulers); say so instead of ignoring eta or rescale."""
     if settings.eta or settings.rescale:
-        raise ValueError("a flow-matching model samples deterministically without guidance rescale: eta and rescale "
-                         "must be 0")
+        raise ValueError(f"{settings.sampler} on a flow-matching model samples deterministically without guidance "
+                         "rescale: eta and rescale must be 0 (or use another sampler, which runs in the sigma space)")
 
 
 def initial_noise(n: int, shape: Sequence[int], seed: int, offset: int = 0) -> Tensor:
@@ -180,11 +173,17 @@ class TextToImage:
             uncond = self.conditioner.with_concat(uncond, known, mask)
         return cond, uncond
 
+    def flow_space(self, settings: SamplerSettings) -> bool:
+        """Whether the sampler runs in the model's flow space (a flow model's Euler / Heun:
+        :meth:`~ldm.diffusion.Preconditioner.flow_space`); every other case runs in the sigma space."""
+        return self.system.precond.flow_space(settings.sampler)
+
     def guided_denoiser(self, cond: dict[str, Tensor] | None, uncond: dict[str, Tensor] | None,
-                        settings: SamplerSettings):
-        """The system's denoiser, with classifier-free guidance at ``settings.cfg`` when there is a condition (its
-        other branch ``uncond``), and its x0 estimate thresholded as ``settings.threshold`` says."""
-        model_fn = self.system.denoiser()
+                        settings: SamplerSettings, flow: bool = False):
+        """The system's denoiser (in the flow space with ``flow``), with classifier-free guidance at
+        ``settings.cfg`` when there is a condition (its other branch ``uncond``), and its x0 estimate thresholded as
+        ``settings.threshold`` says."""
+        model_fn = self.system.denoiser(flow=flow)
         if cond is not None and settings.cfg != 1.0:
             model_fn = classifier_free_guidance(model_fn, scale=settings.cfg, uncond=uncond, rescale=settings.rescale)
         return thresholded(model_fn, self.threshold_mode(settings))
@@ -196,9 +195,9 @@ class TextToImage:
         return "clip" if isinstance(self.system.first_stage, IdentityFirstStage) else "none"
 
     def denoiser_for(self, prompts: Sequence[str], cond: dict[str, Tensor] | None, uncond: dict[str, Tensor] | None,
-                     settings: SamplerSettings):
+                     settings: SamplerSettings, flow: bool = False):
         """The denoiser that samples ``prompts`` (subclasses add guidance that reads the prompts)."""
-        return self.guided_denoiser(cond, uncond, settings)
+        return self.guided_denoiser(cond, uncond, settings, flow=flow)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int | tuple[int, int],
@@ -221,11 +220,13 @@ class TextToImage:
         if embeddings is not None and len(embeddings) not in (1, len(prompts)):
             raise ValueError(f"embeddings has {len(embeddings)} rows for {len(prompts)} prompts")
         system = self.system
-        check_flow_settings(system.precond, settings)
+        flow = self.flow_space(settings)
+        if flow:
+            check_flow_settings(settings)
         shape = self.latent_shape(image_size)
         sampler = SAMPLERS[settings.sampler]
         extra = sampler_options(settings)
-        sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing).to(system.device)
+        sigmas = sampling_sigmas(system.precond, settings.steps, settings.spacing, flow=flow).to(system.device)
         out = []
         chunks = math.ceil(len(prompts) / self.batch_size)
         for c in range(chunks):
@@ -235,10 +236,10 @@ class TextToImage:
                 x = x_init[lo: lo + len(part)].to(system.device)
             else:
                 x = initial_noise(len(part), shape, settings.seed, offset=index_offset + lo).to(system.device)
-                x = x * system.precond.initial_noise_scale(sigmas[0]).to(x)
+                x = x * system.precond.initial_noise_scale(sigmas[0], flow=flow).to(x)
             rows = None if embeddings is None else embeddings if len(embeddings) == 1 else embeddings[lo: lo + len(part)]
             cond, uncond = self.conditions(part, x, settings, start=index_offset + lo, embeddings=rows)
-            model_fn = self.denoiser_for(part, cond, uncond, settings)
+            model_fn = self.denoiser_for(part, cond, uncond, settings, flow=flow)
             gen = torch.Generator(system.device).manual_seed(settings.seed + index_offset + lo)
             desc = f"sampling {settings.sampler}" + (f" [{c + 1}/{chunks}]" if chunks > 1 else "")
             callback = progress_bar(desc) if progress else None

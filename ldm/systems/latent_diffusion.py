@@ -178,9 +178,10 @@ class LatentDiffusion(ValidationAsTest, L.LightningModule):
         """The U-Net's condition for a batch (the conditioner's; {} for an unconditional model)."""
         return self.conditioner(batch)
 
-    def denoiser(self):
-        """``model_fn(x, sigma, cond) -> x0_hat`` for the samplers."""
-        return self.precond.bind(self.unet)
+    def denoiser(self, flow: bool = False):
+        """``model_fn(x, sigma, cond) -> x0_hat`` for the samplers (``flow``: in a flow model's own space, for its
+        Euler / Heun; :meth:`~ldm.diffusion.Preconditioner.flow_space`)."""
+        return self.precond.bind(self.unet, flow=flow)
 
     @torch.no_grad()
     def flops_per_sample(self, batch: dict) -> int:

@@ -1,5 +1,6 @@
 """Flow matching (rectified flow, SD3): the preconditioner's two views agree, its training target is the
-velocity, and ldm's Euler / Heun samplers on its flow levels are diffusers' FlowMatch schedulers step for step."""
+velocity, ldm's Euler / Heun samplers on its flow levels are diffusers' FlowMatch schedulers step for step, and
+DPM-Solver++ in its sigma-space view is diffusers' DPMSolverMultistepScheduler with flow sigmas."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from ldm.diffusion import (
     FlowPrecond,
     LogitNormalSigmas,
     UniformTimesteps,
+    sample_dpmpp_2m,
     sample_euler,
     sample_heun,
     sampling_sigmas,
@@ -37,7 +39,8 @@ def test_euler_equals_diffusers_flow_match_euler(shift, steps):
     ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     ref.set_timesteps(steps)
     precond, net = FlowPrecond(shift=shift), Velocity()
-    levels = sampling_sigmas(precond, steps).double()
+    assert precond.flow_space("euler") and not precond.flow_space("dpmpp_2m")
+    levels = sampling_sigmas(precond, steps, flow=True).double()
     assert torch.allclose(levels, ref.sigmas.double(), atol=1e-6), (levels, ref.sigmas)
     x = _start()
     expected, y = [], x.clone()
@@ -45,7 +48,7 @@ def test_euler_equals_diffusers_flow_match_euler(shift, steps):
         y = ref.step(net(y.float(), t.reshape(1).float()).double(), t, y.float()).prev_sample.double()
         expected.append(y)
     got = []
-    out = sample_euler(precond.bind(net), x * precond.initial_noise_scale(levels[0]), levels,
+    out = sample_euler(precond.bind(net, flow=True), x * precond.initial_noise_scale(levels[0], flow=True), levels,
                        callback=lambda s: got.append(s.x))
     assert len(got) == len(expected) == steps
     err = max((a - b).abs().max().item() for a, b in zip(got, expected))
@@ -63,10 +66,37 @@ def test_heun_equals_diffusers_flow_match_heun():
     y = x.clone().float()
     for t in ref.timesteps:
         y = ref.step(net(y, t.reshape(1).float()), t, y).prev_sample
-    levels = sampling_sigmas(precond, steps).double()
-    out = sample_heun(precond.bind(net), x, levels)
+    levels = sampling_sigmas(precond, steps, flow=True).double()
+    out = sample_heun(precond.bind(net, flow=True), x, levels)
     err = (out - y.double()).abs().max().item()
     assert err <= TOL, f"max abs difference to FlowMatchHeunDiscreteScheduler: {err:.2e}"
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_dpmpp_2m_in_the_sigma_space_equals_diffusers_with_flow_sigmas(shift):
+    """Every sampler other than Euler / Heun runs on a flow model in the sigma space (x = x_t / (1 - t), sigma =
+    t / (1 - t)), from t = 1 - 1/1000. DPM-Solver++(2M) there is diffusers' DPMSolverMultistepScheduler with
+    use_flow_sigmas and flow_prediction (the network given the exact time; diffusers' pipelines round it down to
+    an integer timestep)."""
+    diffusers = pytest.importorskip("diffusers")
+    steps = 20
+    ref = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                flow_shift=shift, algorithm_type="dpmsolver++", solver_order=2)
+    ref.set_timesteps(steps)
+    precond, net = FlowPrecond(shift=shift), Velocity()
+    levels = sampling_sigmas(precond, steps, "leading").double()
+    assert torch.allclose(precond.sigma_to_time(levels), ref.sigmas.double(), atol=1e-6)
+    x = _start()
+    y, expected = x.clone().float(), []
+    for i, timestep in enumerate(ref.timesteps):
+        y = ref.step(net(y, (ref.sigmas[i] * 1000).reshape(1)), timestep, y).prev_sample
+        expected.append(y.double())
+    got = []
+    out = sample_dpmpp_2m(precond.bind(net), x * precond.initial_noise_scale(levels[0]), levels,
+                          callback=lambda s: got.append(s.x / (1 + s.sigma_next)))  # back to x_t = x / (1 + sigma)
+    err = max((a - b).abs().max().item() for a, b in zip(got, expected))
+    assert len(got) == steps and err <= TOL, f"max abs difference over the trajectory: {err:.2e}"
+    assert (out - expected[-1]).abs().max() <= TOL
 
 
 def test_the_two_views_agree_and_the_target_is_the_velocity():
@@ -79,7 +109,8 @@ def test_the_two_views_agree_and_the_target_is_the_velocity():
     x_sigma = x0 + sigma.reshape(-1, 1, 1, 1) * eps
     x_flow = (1 - t).reshape(-1, 1, 1, 1) * x0 + t.reshape(-1, 1, 1, 1) * eps
     assert torch.allclose(x_sigma / (1 + sigma).reshape(-1, 1, 1, 1), x_flow)
-    assert torch.allclose(precond(net, x_sigma, sigma), precond.bind(net)(x_flow, t), atol=1e-12)
+    assert torch.allclose(precond(net, x_sigma, sigma), precond.bind(net, flow=True)(x_flow, t), atol=1e-12)
+    assert torch.equal(precond.bind(net)(x_sigma, sigma), precond(net, x_sigma, sigma))  # the sigma-space denoiser
     assert torch.allclose(precond.target(x0, eps, sigma), eps - x0, atol=1e-12)
     assert torch.allclose(precond.output_weight(sigma), t**2)  # |D - x0|^2 = t^2 |v_hat - v|^2
     assert torch.allclose(precond.noise_cond(sigma), 1000 * t)

@@ -1,4 +1,4 @@
-"""Every preconditioner x every sampler x every spacing through TextToImage (issue 15, defect 1).
+"""Every preconditioner (flow matching too) x every sampler x every spacing through TextToImage (issue 15, defect 1).
 
 On the main before issue 15, ``sampling_sigmas`` appended a zero to ``karras_sigmas``, which already
 ends in one: ``--spacing karras`` and every EDM model got steps + 2 levels, and DDPM, DDIM, Euler and
@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from ldm.autoencoder import IdentityFirstStage
-from ldm.diffusion import SAMPLERS, EDMPrecond, EpsPrecond, VPrecond, X0Precond, sampling_sigmas
+from ldm.diffusion import SAMPLERS, EDMPrecond, EpsPrecond, FlowPrecond, VPrecond, X0Precond, sampling_sigmas
 from ldm.diffusion.schedules import DiscreteSchedule
 from ldm.diffusion.unet import UNet
 from ldm.pipelines import SamplerSettings, TextToImage
 from ldm.systems import LatentDiffusion
 
-PRECONDS = {"eps": EpsPrecond, "v": VPrecond, "x0": X0Precond, "edm": EDMPrecond}
+PRECONDS = {"eps": EpsPrecond, "v": VPrecond, "x0": X0Precond, "edm": EDMPrecond, "flow": FlowPrecond}
 SPACINGS = ["leading", "trailing", "linspace", "karras"]
 STEPS = 4
 
@@ -38,7 +38,7 @@ def _system(precond: str) -> tuple[LatentDiffusion, list[int]]:
         return forward(*args, **kwargs)
 
     unet.forward = counted
-    pre = PRECONDS[precond]() if precond == "edm" else PRECONDS[precond](DiscreteSchedule())
+    pre = PRECONDS[precond]() if precond in ("edm", "flow") else PRECONDS[precond](DiscreteSchedule())
     val = {"val_sigmas": [0.5, 2.0]} if precond == "edm" else {}
     return LatentDiffusion(unet, IdentityFirstStage(), precond=pre, **val).eval(), calls
 
