@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 from pytorch_lightning import Callback, Trainer
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import (
     LightningArgumentParser,
     LightningCLI,
@@ -27,6 +27,8 @@ from ldm.callbacks import DataSkipMonitor, StepSeed
 from ldm.callbacks.divergence import DivergenceError, DivergenceGuard
 from ldm.callbacks.metrics_file import MetricsFileLedger
 from ldm.callbacks.preemption import Preemption
+from ldm.callbacks.progress import LoggingStepProgressBar
+from ldm.callbacks.speed import Speedups
 from ldm.callbacks.throughput import SampleThroughput
 from ldm.cli import DESCRIPTION, SUBCOMMANDS, _epilog, _formatter
 from ldm.config_errors import describe_failure, summarize
@@ -154,6 +156,8 @@ class LDMCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunSettings, "run")
+        # GPU speed options (configs/trainer/gpu.yaml): a section of their own, so they compose with any stage config
+        parser.add_class_arguments(Speedups, "speed")
         parser.set_defaults({"data": {"class_path": "ldm.data.ShardDataModule"}})
         parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=model_tokenizer, apply_on="instantiate")
 
@@ -173,6 +177,10 @@ class LDMCLI(LightningCLI):
     def _run_settings(self) -> RunSettings:
         run = self._get(self.config_init, "run")
         return run if isinstance(run, RunSettings) else RunSettings(**dict(run or {}))
+
+    def _speedups(self) -> Speedups:
+        speed = self._get(self.config_init, "speed")
+        return speed if isinstance(speed, Speedups) else Speedups(**dict(speed or {}))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
@@ -208,6 +216,11 @@ class LDMCLI(LightningCLI):
                 callbacks = [*callbacks, timed_checkpoint(minutes, mine[0].dirpath)]  # a preset's own checkpoints
         if self._run_settings().monitors and config.get("logger") not in (False, []):  # they log: need a logger
             callbacks = [*callbacks, *default_monitors(configured)]
+        speed = self._speedups()
+        if speed.active and not any(isinstance(c, Speedups) for c in configured):
+            callbacks = [*callbacks, speed]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, LoggingStepProgressBar()]  # reads the metrics on logging steps only
         # a default callback configured by the user (e.g. DivergenceGuard with another patience) replaces ours
         defaults = self.trainer_defaults.get("callbacks", [])
         kept = [d for d in defaults if not any(type(c) is type(d) for c in configured)]

@@ -6,6 +6,8 @@ from ldm.callbacks.ema import EMA, EMAWarmup
 from ldm.callbacks.evaluation import GenerationEvalCallback
 from ldm.callbacks.reconstructions import ReconstructionLogger
 from ldm.callbacks.samples import SampleLogger
+from ldm.callbacks.speed import Speedups
 from ldm.callbacks.step_seed import StepSeed
 
-__all__ = ["DataSkipMonitor", "DivergenceGuard", "EMA", "EMAWarmup", "GenerationEvalCallback", "ReconstructionLogger", "SampleLogger", "StepSeed"]
+__all__ = ["DataSkipMonitor", "DivergenceGuard", "EMA", "EMAWarmup", "GenerationEvalCallback", "ReconstructionLogger", "SampleLogger", "Speedups",
+           "StepSeed"]

@@ -7,6 +7,14 @@ the gradients are dropped (``p.grad = None``), so neither the weights nor the op
 After ``patience`` flagged training batches in a row the run raises :class:`DivergenceError` (``ldm fit``
 exits with status 3), naming the step and the newest checkpoint written before it.
 
+With a fused optimizer (``fused: true`` in its ``init_args``: torch's fused Adam / AdamW / SGD) and no GradScaler,
+the guard takes no host sync at all (issue 19): the flag is handed to the optimizer as ``found_inf``, the mechanism
+AMP's GradScaler uses, and the fused kernel skips the whole update on the device (weights, moments and step count
+untouched, as ``p.grad = None`` does). The skipped and consecutive counts are kept on the device and read on
+logging steps (``trainer.log_every_n_steps``), at checkpoints and at the end of training: the warning then names
+the steps since the last reading, and a diverging run stops at the first reading after ``patience`` consecutive
+skipped batches (its weights did not move in the meantime).
+
 Checkpoints are guarded too: a checkpoint whose ``state_dict`` holds a non-finite value is refused on
 every rank (the same weights everywhere under DDP), before Lightning writes it, so ``last.ckpt`` and
 the best checkpoint only ever hold finite weights. Logs ``train/nonfinite_steps`` (skipped batches so
@@ -79,6 +87,12 @@ class DivergenceGuard(Callback):
         self.in_a_row = 0
         self._loss_bad: torch.Tensor | None = None  # any non-finite loss since the last optimizer step
         self._batch_bad = False
+        # the fused optimizers' path: this batch's flag, and on the device the batches skipped since the last reading,
+        # the current streak of skipped batches and the longest streak since the last reading
+        self._batch_flag: torch.Tensor | None = None
+        self._device_counts: torch.Tensor | None = None  # (3,): new skips, streak, worst streak
+        self._flagged: list[torch.optim.Optimizer] = []
+        self._since = 0  # the first step of the batches counted on the device since the last reading
         self._step = 0
         self._good: str | None = None  # the newest checkpoint written before the current streak
 
@@ -108,6 +122,13 @@ class DivergenceGuard(Callback):
                       or getattr(optimizer, "optimizer", None) is o), 0)
         pl_module.log("train/grad_norm" + (f"_{index}" if index else ""), norm.detach(), on_step=True,
                       on_epoch=False, batch_size=1)
+        raw = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's torch optimizer
+        if scaler is None and getattr(raw, "_step_supports_amp_scaling", False):
+            device = params[0].device if params else norm.device
+            raw.found_inf = flag.to(device)  # the fused kernel skips the update where it is 1: no host sync
+            self._flagged.append(raw)
+            self._batch_flag = flag if self._batch_flag is None else torch.maximum(self._batch_flag, flag)
+            return
         if bool(flag.item()):  # the one host sync of the guard
             for p in params:
                 p.grad = None  # optimizers skip parameters without a gradient: no update, no moment decay
@@ -116,6 +137,12 @@ class DivergenceGuard(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._loss_bad = None
+        for optimizer in self._flagged:
+            del optimizer.found_inf  # set per step: a later step without the guard must not see it
+        self._flagged = []
+        if self._batch_flag is not None:
+            self._count_on_device(trainer, pl_module)
+            return
         if self._batch_bad:
             self._batch_bad = False
             if self.in_a_row == 0:  # checkpoints written from now on hold the weights of before the streak
@@ -129,6 +156,49 @@ class DivergenceGuard(Callback):
         else:
             self.in_a_row = 0
         pl_module.log("train/nonfinite_steps", float(self.skipped), on_step=True, on_epoch=False, batch_size=1)
+
+    # -- the fused optimizers' path: counted on the device, read on logging steps ---------------------
+    def _count_on_device(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        flag = self._batch_flag
+        if self._batch_bad:  # another optimizer of the batch took the host path and skipped
+            flag = torch.ones_like(flag)
+        self._batch_flag, self._batch_bad = None, False
+        if self._device_counts is None:
+            self._device_counts = torch.tensor([0.0, self.in_a_row, self.in_a_row], device=flag.device)
+            self._since = self._step
+        counts = self._device_counts
+        streak = (counts[1] + 1) * flag  # 0 after a good batch
+        counts.copy_(torch.stack([counts[0] + flag, streak, torch.maximum(counts[2], streak)]))
+        pl_module.log("train/nonfinite_steps", counts[0] + self.skipped, on_step=True, on_epoch=False, batch_size=1)
+        if trainer._logger_connector.should_update_logs:
+            self._settle(trainer)
+
+    def _read_device_counts(self) -> int:
+        """Fold the device-side counts into the host's (one host sync); returns the longest streak since the last
+        reading."""
+        if self._device_counts is None:
+            return self.in_a_row
+        new, streak, worst = (int(v) for v in self._device_counts.tolist())
+        if new:
+            self._good = None  # skipped steps leave the weights as they were: the newest checkpoint holds good ones
+            log.warning("steps %d-%d: %d training steps had a non-finite loss or gradient; their optimizer steps were "
+                        "skipped on the device (%d in a row at most, %d in this run)", self._since, self._step, new,
+                        worst, self.skipped + new)
+        self.skipped += new
+        self.in_a_row = streak
+        self._device_counts.copy_(torch.tensor([0.0, streak, streak]))
+        self._since = self._step + 1
+        return worst
+
+    def _settle(self, trainer: L.Trainer) -> None:
+        worst = self._read_device_counts()
+        if worst >= self.patience:
+            self.in_a_row = worst
+            raise DivergenceError(self._stop_message(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._device_counts is not None:
+            self._settle(trainer)
 
     def _stop_message(self, trainer: L.Trainer) -> str:
         good = self._good if self._good and os.path.isfile(self._good) else last_checkpoint(trainer)
@@ -148,8 +218,10 @@ class DivergenceGuard(Callback):
                                   f"finite; {_resume_from(last_checkpoint(trainer))}")
 
     def state_dict(self) -> dict[str, Any]:
+        self._read_device_counts()  # a checkpoint holds the counts so far
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
         self.in_a_row = int(state_dict.get("in_a_row", 0))
+        self._device_counts = None  # started again from these

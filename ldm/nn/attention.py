@@ -27,6 +27,8 @@ class SpatialSelfAttention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
         q, k, v = rearrange(qkv, "b (three n d) h w -> three b n (h w) d", three=3, n=self.heads)
+        if q.stride(-1) != 1:  # NCHW: channels are strided; SDPA's fused kernels need them contiguous, or run math
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
         out = rearrange(out, "b n (h w) d -> b (n d) h w", h=h, w=w)
         return x + self.proj(out)

@@ -30,7 +30,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ldm.autoencoder import Autoencoder, AutoencoderLoss, LatentScaleEstimator
 from ldm.autoencoder.bottlenecks import code_perplexity
-from ldm.systems.optim import LinearWarmup, Shared, build_scheduler
+from ldm.systems.optim import LinearWarmup, Shared, build_optimizer, build_scheduler
 from ldm.systems.validation import Histogram, RowMeans, ValidationAsTest, log_means
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
         self.lr_scheduler_fn = Shared(lr_scheduler)
         self.gradient_clip = gradient_clip
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+        self._batches_seen: int | None = None  # the buffer's value on the host, while training
         self.latent_scale = LatentScaleEstimator(scale_momentum)
         self.register_load_state_dict_pre_hook(_rename_old_scale_state)
         self.register_load_state_dict_pre_hook(_drop_old_fid_weights)
@@ -123,8 +124,8 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
                                "strategy='ddp_find_unused_parameters_true' (`ldm fit --trainer.strategy=ddp` does)")
 
     def configure_optimizers(self):
-        opt_g = self.optimizer_fn.value(self.autoencoder.parameters())
-        opt_d = self.disc_optimizer_fn.value(self.loss.discriminator.parameters())
+        opt_g = build_optimizer(self.optimizer_fn.value, self.autoencoder.parameters())
+        opt_d = build_optimizer(self.disc_optimizer_fn.value, self.loss.discriminator.parameters())
         scheds = [build_scheduler(self.lr_scheduler_fn.value, o) for o in (opt_g, opt_d)]
         if isinstance(scheds[0], ReduceLROnPlateau):
             raise ValueError("the autoencoder steps its schedulers with its optimizers, without a metric: "
@@ -143,7 +144,9 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
         x = batch["image"]  # (B, 3, H, W)
-        step = int(self.batches_seen)
+        if self._batches_seen is None:  # read once per fit; after that counted on the host (no sync per step)
+            self._batches_seen = int(self.batches_seen)
+        step = self._batches_seen
         recon, z, info = self.autoencoder(x)
         self.autoencoder.scale_factor.copy_(self.latent_scale.update(z))
         loss_g, terms = self.loss.generator_loss(x, recon, info, self.autoencoder.decoder.last_layer, step)
@@ -159,6 +162,10 @@ class AutoencoderSystem(ValidationAsTest, L.LightningModule):
                       batch_size=len(x))
         self.log("train/loss", terms["total"].detach(), prog_bar=True, batch_size=len(x))
         self.batches_seen += 1
+        self._batches_seen += 1
+
+    def on_train_start(self) -> None:
+        self._batches_seen = None  # the buffer may have been restored from a checkpoint since
 
     # -- validation: local sums per step, one reduction per epoch ---------------------------------
     def on_validation_epoch_start(self) -> None:

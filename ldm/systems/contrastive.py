@@ -88,6 +88,19 @@ class ContrastiveSystem(ValidationAsTest, L.LightningModule):
     def _bias(self):
         return self.model.logit_bias if self.loss.uses_bias else None
 
+    @torch.no_grad()
+    def flops_per_sample(self, batch: dict) -> int:
+        """Training FLOPs per (image, caption) pair: 3 x the two towers' forward FLOPs on the first sample of ``batch``
+        (forward + backward, the usual MFU convention; the loss's B x B similarities are not counted), counted by
+        torch's ``FlopCounterMode``. The throughput monitor turns them into MFU where the GPU's peak is known."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.model.encode_image(batch["image"][:1])
+            self.model.encode_text(batch["tokens"][:1])
+        return 3 * int(counter.get_total_flops())
+
     def training_step(self, batch, batch_idx):
         img = self.model.encode_image(noise_images(batch["image"], self.noised_fraction))  # (B, D), normalised
         txt = self.model.encode_text(batch["tokens"])  # (B, D)
