@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from ldm.callbacks import DataSkipMonitor, StepSeed
 from ldm.callbacks.divergence import DivergenceError, DivergenceGuard
+from ldm.callbacks.folders import log_folder
 from ldm.callbacks.metrics_file import MetricsFileLedger
 from ldm.callbacks.preemption import Preemption
 from ldm.callbacks.progress import LoggingStepProgressBar
@@ -64,7 +65,7 @@ class ConfigSaver(SaveConfigCallback):
             if isinstance(logger, RunWandbLogger):
                 # all sent when the W&B run starts, at the first training batch or logged metrics
                 logger.update_config(config)
-                path = os.path.join(trainer.log_dir or "", self.config_filename)
+                path = os.path.join(log_folder(trainer), self.config_filename)  # rank 0 only: no collective
                 if os.path.isfile(path):
                     logger.log_config_file(path)
                 logger.use_runs(config_inputs(config))

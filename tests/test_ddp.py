@@ -41,6 +41,25 @@ def test_two_rank_ddp_on_uneven_shards_gets_equal_batches(tmp_path):
     assert not (tmp_path / "runs/toy/version_1").exists()  # both ranks wrote into one run folder
 
 
+@pytest.mark.timeout(200)
+def test_two_rank_fit_with_wandb_logging_finishes(tmp_path):
+    """W&B on (offline, as every run without credentials): rank 0 alone saved the config to W&B through
+    ``trainer.log_dir``, a collective, so its next broadcasts paired with other ones on rank 1 and the run hung
+    before its first step (found by make test-slurm's requeue job; every DDP test ran with W&B disabled)."""
+    write_synthetic_shards(tmp_path / "s", train=40, val=8, size=32, seed=1, progress=False)
+    res = run_ldm([
+        "fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "tests/configs/toy.yaml"),
+        f"--data.train={tmp_path}/s/train-*.tar", f"--data.val={tmp_path}/s/val-*.tar",
+        "--data.samples_per_epoch=32", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=4",
+        "--trainer.max_epochs=-1", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false",
+    ], cwd=tmp_path, timeout=150, WANDB_MODE="offline")
+    assert res.returncode == 0, res.stderr[-4000:]
+    run = tmp_path / "runs/toy/version_0"
+    assert (run / "checkpoints/last.ckpt").is_file() and (run / "config.yaml").is_file()
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run"
+
+
 @pytest.mark.timeout(300)
 def test_two_rank_contrastive_validation_equals_one_process(shapes_dir, tmp_path):
     """Retrieval recall over the validation split is gathered exactly: 2 ranks report what 1 process does."""
