@@ -21,29 +21,10 @@ from ldm.data.batch import Tokenizer
 from ldm.data.errors import SkipCounter
 from ldm.data.streams import POSITION, EvalStream, StreamStart, TrainStream, WorkerStart, make_decoder
 from ldm.data.urls import ShardPattern, expand_urls, shard_sample_counts
+from ldm.data.workers import (PREEMPTION_SIGNALS, ChainedInit, ignore_preemption_signal, preload_forkserver,
+                              worker_context)
 
 log = logging.getLogger(__name__)
-
-
-#: the signals SLURM sends every process of a job step before ending it; only the training process acts on them
-PREEMPTION_SIGNALS = frozenset({signal.SIGUSR1, signal.SIGTERM})
-
-
-def ignore_preemption_signal(worker_id: int) -> None:
-    """``worker_init_fn`` of every loader: a DataLoader worker ignores SIGUSR1 and SIGTERM.
-
-    SLURM signals every process of a job step. With USR1, forked workers would run the handler they
-    inherit (Lightning's saved a stale ``hpc_ckpt`` of the weights the worker was forked with and
-    requeued the job, racing the training process); with SIGTERM they would die at once, and the
-    training process would fail on its next batch before it could checkpoint the step it is at. The
-    training process alone handles both (:class:`ldm.callbacks.preemption.Preemption`); a worker ends
-    when the loader shuts it down or, failing that, when its parent is gone (PyTorch's watchdog).
-    :class:`PreemptionSafeLoader` starts its workers with the signals blocked, so one that arrives
-    before this function runs stays pending and is dropped here.
-    """
-    for signum in PREEMPTION_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, PREEMPTION_SIGNALS)
 
 
 #: the live workers of every PreemptionSafeLoader of this process (killed at exit: see _kill_workers_at_exit)
@@ -80,30 +61,23 @@ class PreemptionSafeLoader(DataLoader):
 
     def __init__(self, *args, **kwargs):
         user_init = kwargs.pop("worker_init_fn", None)
-        kwargs["worker_init_fn"] = ignore_preemption_signal if user_init is None else _Chain(user_init)
+        kwargs["worker_init_fn"] = ignore_preemption_signal if user_init is None else ChainedInit(user_init)
+        if kwargs.get("num_workers", 0) > 0 and kwargs.get("multiprocessing_context") is None:
+            kwargs["multiprocessing_context"] = worker_context()
         super().__init__(*args, **kwargs)
 
     def _get_iterator(self):
         if self.num_workers == 0:
             return super()._get_iterator()
+        if self.multiprocessing_context is not None and self.multiprocessing_context.get_start_method() == "forkserver":
+            preload_forkserver(self.dataset, self.worker_init_fn, self.collate_fn)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         try:
-            iterator = super()._get_iterator()  # the workers start here
+            iterator = super()._get_iterator()  # the workers start here (and the fork server, the first time)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _WORKERS.update(getattr(iterator, "_workers", ()))  # torch's multi-process iterator keeps its processes there
         return iterator
-
-
-class _Chain:
-    """``worker_init_fn``: ignore the preemption signal, then run the user's function (picklable)."""
-
-    def __init__(self, fn: Callable[[int], Any]):
-        self.fn = fn
-
-    def __call__(self, worker_id: int) -> None:
-        ignore_preemption_signal(worker_id)
-        self.fn(worker_id)
 
 
 class EpochDataLoader(PreemptionSafeLoader):
