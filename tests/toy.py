@@ -18,19 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class CharTokenizer:
-    """Bytes of the caption, padded / cut to ``length`` (0 = padding)."""
-
-    def __init__(self, length: int = 32):
-        self.length = length
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = torch.zeros(len(texts), self.length, dtype=torch.long)
-        for i, t in enumerate(texts):
-            codes = list(t.encode("utf-8"))[: self.length]
-            out[i, : len(codes)] = torch.tensor(codes, dtype=torch.long)
-        return out
+from tests.toy_tokenizer import CharTokenizer
 
 
 class ToySystem(L.LightningModule):

@@ -7,6 +7,7 @@ from tests.stages import stage_args
 from tests.training.test_resume import DEBUG, assert_same_second_half, interrupted_vs_straight
 
 
+@pytest.mark.slow  # two fits and a resume (about 40 s): make test-slow, so make test stays within 15 minutes
 @pytest.mark.timeout(400)
 def test_latent_diffusion_resume_is_exact(shapes_dir, stage_runs, tmp_path):
     args = ["-c", DEBUG, "-c", str(REPO / "configs/ldm/debug.yaml"), *stage_args(stage_runs),

@@ -73,7 +73,8 @@ def test_toy_resume_is_exact(shapes_dir, tmp_path, workers):
 
 
 @pytest.mark.timeout(500)
-@pytest.mark.parametrize("devices, batch, noised", [(1, 16, 0.3), (2, 8, 0.0)])
+# the two-rank case (about 50 s) runs in make test-slow: make test stays within its 15 minutes
+@pytest.mark.parametrize("devices, batch, noised", [(1, 16, 0.3), pytest.param(2, 8, 0.0, marks=pytest.mark.slow)])
 def test_clip_resume_is_exact(shapes_dir, tmp_path, devices, batch, noised):
     # noised_fraction draws random noise levels in the training step (the RNG must resume too)
     args = ["-c", DEBUG, "-c", str(REPO / "configs/contrastive/clip-debug.yaml"),
