@@ -1,5 +1,5 @@
 """The toy system's tokenizer, in a module of its own: loader workers unpickle it, and the fork server they start
-from imports the modules their dataset names (``ldm.data.workers.preload_forkserver``); this one needs torch only,
+from imports the modules their dataset names (``ldm.data.workers.start_forkserver``); this one needs torch only,
 not Lightning."""
 
 from __future__ import annotations

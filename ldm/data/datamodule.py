@@ -21,7 +21,7 @@ from ldm.data.batch import Tokenizer
 from ldm.data.errors import SkipCounter
 from ldm.data.streams import POSITION, EvalStream, StreamStart, TrainStream, WorkerStart, make_decoder
 from ldm.data.urls import ShardPattern, expand_urls, shard_sample_counts
-from ldm.data.workers import (PREEMPTION_SIGNALS, ChainedInit, ignore_preemption_signal, preload_forkserver,
+from ldm.data.workers import (PREEMPTION_SIGNALS, ChainedInit, ignore_preemption_signal, start_forkserver,
                               worker_context)
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,11 @@ class PreemptionSafeLoader(DataLoader):
     def _get_iterator(self):
         if self.num_workers == 0:
             return super()._get_iterator()
-        if self.multiprocessing_context is not None and self.multiprocessing_context.get_start_method() == "forkserver":
-            preload_forkserver(self.dataset, self.worker_init_fn, self.collate_fn)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
         try:
-            iterator = super()._get_iterator()  # the workers start here (and the fork server, the first time)
+            if self.multiprocessing_context.get_start_method() == "forkserver":
+                start_forkserver(self.dataset, self.worker_init_fn, self.collate_fn)  # the first time only
+            iterator = super()._get_iterator()  # the workers start here
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _WORKERS.update(getattr(iterator, "_workers", ()))  # torch's multi-process iterator keeps its processes there

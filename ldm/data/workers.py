@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import multiprocessing.context
+import multiprocessing.forkserver
 import os
 import pickle
 import signal
@@ -47,7 +48,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     their first validation in 2 of 3 runs). The fork server is a clean single-threaded process, started once
     per training process with torch and the data modules imported (:mod:`ldm.data.forkserver_preload`,
     which also makes it ignore the preemption signals, and the modules the first loader's dataset is made of:
-    :func:`preload_forkserver`), so a worker starts in about 0.16 s (0.07 s forked).
+    :func:`start_forkserver`), so a worker starts in about 0.16 s (0.07 s forked).
     ``LDM_WORKER_START=fork`` (or ``spawn``) chooses another start method."""
     method = os.environ.get("LDM_WORKER_START", "forkserver")
     if method not in ("forkserver", "fork", "spawn"):
@@ -55,24 +56,30 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(method)
 
 
-#: the modules the fork server imports when it starts (it starts with the first loader's workers)
-_PRELOAD: set[str] = set()
+#: whether this process has started its fork server (after that, its preload list has no effect)
+_STARTED = False
 
 
-def preload_forkserver(*objects: Any) -> None:
-    """Have the fork server, if it has not started yet, import what a worker needs to unpickle ``objects``
-    (a loader's dataset, ``worker_init_fn``, ``collate_fn``): torch, the streams, a tokenizer's library.
+def start_forkserver(*objects: Any) -> None:
+    """Start the fork server, once per process, importing what a worker needs to unpickle ``objects`` (the
+    first loader's dataset, ``worker_init_fn``, ``collate_fn``): torch, the streams, a tokenizer's library.
 
     A worker unpickles its dataset in a fresh process; every module the pickle names that the fork server
     did not import, the worker imports itself, at every epoch (open_clip or Lightning: seconds each).
-    Modules that cannot be imported are skipped by the fork server."""
+    Modules that cannot be imported are skipped by the fork server. Call it with the preemption signals
+    blocked (the server inherits the mask until its preload makes it ignore them)."""
+    global _STARTED
+    if _STARTED:
+        return
     recorder = _ModuleRecorder(io.BytesIO())
     try:
         recorder.dump(objects)
     except Exception:  # noqa: BLE001  (unpicklable: starting the worker reports the real error)
         return
-    _PRELOAD.update(m for m in recorder.modules if m and m not in ("__main__", "builtins"))
-    multiprocessing.set_forkserver_preload(["ldm.data.forkserver_preload", *sorted(_PRELOAD)])
+    modules = sorted(m for m in recorder.modules if m and m not in ("__main__", "builtins"))
+    multiprocessing.set_forkserver_preload(["ldm.data.forkserver_preload", *modules])
+    multiprocessing.forkserver.ensure_running()
+    _STARTED = True
 
 
 class _ModuleRecorder(pickle.Pickler):
