@@ -19,13 +19,11 @@ width 384, 6 heads), B (12, 768, 12), L (24, 1024, 16), XL (28, 1152, 16), with 
 ``DiTTransformer2DModel`` has the same weights plus one copy of the timestep and class embedders per block:
 tests/diffusion/test_dit.py).
 
-Patch masking (MaskDiT, Zheng et al. 2024; MicroDiT, Sehwag et al. 2025): with ``mask_ratio`` r > 0, in training a
-random round(r * N) of the N tokens of every sample are dropped after patchify + positions (the same number per
-sample, so the batch stays rectangular), the blocks run on the N - round(r * N) kept tokens only (the saving), and the
-dropped positions are filled with a learned mask token (+ their positions) before the final layer. ``last_kept`` holds
-the kept indices of the last forward and :meth:`DiT.output_mask` the output elements they predict, which
-:class:`~ldm.diffusion.DenoisingLoss` counts alone. In eval mode (validation, sampling) nothing is masked; setting
-``mask_ratio`` to 0 during training (``LatentDiffusion(unmask_after_steps=)``) is MaskDiT's unmasked fine-tuning.
+Patch masking (MaskDiT, Zheng et al. 2024; MicroDiT, Sehwag et al. 2025; :mod:`ldm.diffusion.patch_masking`): with
+``mask_ratio`` r > 0, in training the blocks see a random N - round(r * N) of the N tokens of every sample, the
+dropped positions get a learned mask token before the final layer, and :meth:`DiT.output_mask` says which output
+elements the kept tokens predict (:class:`~ldm.diffusion.DenoisingLoss` counts those alone). Eval never masks;
+``LatentDiffusion(unmask_after_steps=)`` sets the ratio to 0 for MaskDiT's unmasked fine-tuning.
 """
 
 from __future__ import annotations
@@ -37,6 +35,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ldm.diffusion.patch_masking import PatchMasking
 from ldm.nn import Attention, TimestepEmbedding
 
 #: DiT's model sizes (Peebles & Xie 2023, table 1): depth, width, heads
@@ -119,7 +118,7 @@ class DiTBlock(nn.Module):
         return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class DiT(nn.Module):
+class DiT(PatchMasking, nn.Module):
     """Args:
         in_channels: channels of the noisy input (latent channels).
         out_channels: channels of the prediction (default: in_channels; 2 x for DiT's learned sigma).
@@ -158,13 +157,7 @@ class DiT(nn.Module):
         self.context_dim, self.y_dim, self.num_classes = context_dim, y_dim, num_classes
         self.concat_channels = concat_channels
         self.gradient_checkpointing = gradient_checkpointing
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        self.mask_ratio = mask_ratio
-        # the learned token of the dropped positions (only with masking, so unmasked models keep DiT's parameters)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, hidden_size)) if mask_ratio > 0 else None
-        self.last_kept: Tensor | None = None  # (B, N_keep) indices of the tokens the blocks saw in the last forward
-        self.last_grid: tuple[int, int] | None = None  # (rows, cols) of the token grid of the last forward
+        self.init_masking(mask_ratio, hidden_size)
         self.patchify = nn.Conv2d(in_channels + concat_channels, hidden_size, patch_size, stride=patch_size)
         self.time_embed = TimestepEmbedding(256, hidden_size)  # DiT's 256 frequencies, then an MLP
         self.y_embed = label_or_vector_embedder(num_classes, y_dim, hidden_size)
@@ -177,8 +170,7 @@ class DiT(nn.Module):
     def _init_weights(self) -> None:
         init_dit_weights(self, [*(block.modulation[-1] for block in self.blocks), self.modulation_out[-1],
                                 self.proj_out])
-        if self.mask_token is not None:
-            nn.init.normal_(self.mask_token, std=0.02)  # MAE's mask token
+        self.init_mask_token()
 
     def _check(self, x: Tensor, context: Tensor | None, y: Tensor | None, concat: Tensor | None) -> None:
         p = self.patch_size
@@ -202,12 +194,7 @@ class DiT(nn.Module):
         tokens = rearrange(self.patchify(h), "b d h w -> b (h w) d")  # (B, N, D)
         pos = sincos_2d(width // p, height // p, self.hidden_size, x.device).to(tokens.dtype)  # (N, D)
         tokens = tokens + pos  # (B, N, D)
-        self.last_kept, self.last_grid = None, (height // p, width // p)
-        if self.training and self.mask_ratio > 0:
-            if self.mask_token is None:
-                raise ValueError("this DiT was built without patch masking (mask_ratio 0), so it has no mask token: "
-                                 "build it with the mask_ratio to train with")
-            tokens, self.last_kept = drop_tokens(tokens, self.mask_ratio)  # (B, N_keep, D), (B, N_keep)
+        tokens = self.drop(tokens, (height // p, width // p))  # (B, N_keep, D): patch masking in training
         c = self.time_embed(t)  # (B, D)
         if self.y_embed is not None:
             c = c + self.y_embed(y if self.num_classes is not None else y.to(c.dtype))
@@ -218,44 +205,10 @@ class DiT(nn.Module):
                 tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
             else:
                 tokens = block(tokens, c, context, context_mask)
-        if self.last_kept is not None:  # the dropped positions: the mask token at its position
-            tokens = restore_tokens(tokens, self.last_kept, self.mask_token.to(tokens.dtype) + pos)  # (B, N, D)
+        tokens = self.restore(tokens, pos)  # (B, N, D): the dropped positions the mask token at its position
         shift, scale = self.modulation_out(c).chunk(2, dim=1)
         out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))  # (B, N, p * p * C_out)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=height // p, w=width // p, p=p, q=p)
-
-    def output_mask(self) -> Tensor | None:
-        """(B, 1, H, W) ones on the patches the blocks saw in the last forward and zeros on the dropped ones, or
-        None when it masked nothing (eval, ``mask_ratio`` 0): the elements a denoising loss counts."""
-        if self.last_kept is None:
-            return None
-        b, h, w = len(self.last_kept), *self.last_grid
-        keep = torch.zeros(b, h * w, device=self.last_kept.device)
-        keep.scatter_(1, self.last_kept, 1.0)  # (B, N)
-        p = self.patch_size
-        return keep.reshape(b, 1, h, 1, w, 1).expand(-1, -1, -1, p, -1, p).reshape(b, 1, h * p, w * p)
-
-
-def keep_count(n: int, ratio: float) -> int:
-    """Tokens kept of ``n`` when a share ``ratio`` is dropped: n - round(ratio * n)."""
-    return n - round(ratio * n)
-
-
-def drop_tokens(tokens: Tensor, ratio: float, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Drop a random ``round(ratio * N)`` of the tokens (B, N, D) of every sample (MaskDiT's random masking, as
-    MAE's): the kept tokens (B, N_keep, D) in their original order, and their indices (B, N_keep)."""
-    b, n, d = tokens.shape
-    noise = torch.rand(b, n, generator=generator, device=tokens.device)  # (B, N)
-    kept = noise.argsort(dim=1)[:, :keep_count(n, ratio)].sort(dim=1).values  # (B, N_keep)
-    return tokens.gather(1, kept[..., None].expand(-1, -1, d)), kept
-
-
-def restore_tokens(tokens: Tensor, kept: Tensor, fill: Tensor) -> Tensor:
-    """The kept tokens (B, N_keep, D) back at their indices ``kept`` (B, N_keep) of a full sequence whose other
-    positions are ``fill`` (N, D) or (B, N, D): (B, N, D)."""
-    b, _, d = tokens.shape
-    full = fill.expand(b, -1, d) if fill.ndim == 3 else fill[None].expand(b, -1, d)  # (B, N, D)
-    return full.scatter(1, kept[..., None].expand(-1, -1, d), tokens)
 
 
 def count_tokens(image_side: int, patch_size: int) -> int:
@@ -270,5 +223,4 @@ def null_class(model: DiT) -> int:
     return model.num_classes
 
 
-__all__ = ["DiT", "DiTBlock", "PRESETS", "init_dit_weights", "count_tokens", "drop_tokens", "keep_count", "modulate", "null_class",
-           "restore_tokens", "sincos_2d"]
+__all__ = ["DiT", "DiTBlock", "PRESETS", "count_tokens", "init_dit_weights", "modulate", "null_class", "sincos_2d"]

@@ -34,6 +34,9 @@ released no training code): its fresh model predicts noise.
 It takes what :class:`~ldm.diffusion.UNet` and :class:`~ldm.diffusion.DiT` take,
 ``forward(x, t, context=, context_mask=, y=, concat=)``, with the attributes the :class:`~ldm.diffusion.Conditioner`
 checks (``context_dim``, ``y_dim``, ``num_classes``, ``concat_channels``), so a config swaps one for another.
+Patch masking (:mod:`ldm.diffusion.patch_masking`, as the DiT's): with ``mask_ratio`` > 0, in training the joint
+blocks see the kept image tokens only (and every text token); the dropped positions get the mask token before the
+final layer. REPA (:class:`~ldm.diffusion.repa.RepresentationAlignment`) aligns the image stream of a joint block.
 Not here: SD3.5's MMDiT-X dual attention layers (a second, image-only attention in the first blocks).
 """
 
@@ -46,6 +49,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.diffusion.dit import init_dit_weights, label_or_vector_embedder, modulate
+from ldm.diffusion.patch_masking import PatchMasking
 from ldm.nn import TimestepEmbedding
 
 
@@ -136,7 +140,7 @@ class JointBlock(nn.Module):
         return x, ctx
 
 
-class MMDiT(nn.Module):
+class MMDiT(PatchMasking, nn.Module):
     """Args:
         in_channels: channels of the noisy input (latent channels).
         out_channels: channels of the prediction (default: in_channels).
@@ -152,13 +156,15 @@ class MMDiT(nn.Module):
             span unit steps of it (diffusers' ``pos_embed_max_size`` and ``sample_size``); None: the integer grid.
         concat_channels: extra channels concatenated to the input (inpainting).
         gradient_checkpointing: recompute each block's activations in the backward pass.
+        mask_ratio: in training, the share of image tokens dropped before the blocks (patch masking; 0 = off;
+            MicroDiT 0.75). A model built with it > 0 has a learned mask token; it can be set to 0 later.
     """
 
     def __init__(self, in_channels: int = 4, out_channels: int | None = None, patch_size: int = 2,
                  hidden_size: int = 384, depth: int = 6, num_heads: int = 6, context_dim: int = 768,
                  y_dim: int | None = None, num_classes: int | None = None, mlp_ratio: float = 4.0,
                  qk_norm: bool = False, pos_embed_max_size: int | None = None, sample_size: int | None = None,
-                 concat_channels: int = 0, gradient_checkpointing: bool = False):
+                 concat_channels: int = 0, gradient_checkpointing: bool = False, mask_ratio: float = 0.0):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
@@ -176,6 +182,7 @@ class MMDiT(nn.Module):
         self.concat_channels = concat_channels
         self.pos_embed_max_size, self.sample_size = pos_embed_max_size, sample_size
         self.gradient_checkpointing = gradient_checkpointing
+        self.init_masking(mask_ratio, hidden_size)
         self.patchify = nn.Conv2d(in_channels + concat_channels, hidden_size, patch_size, stride=patch_size)
         self.time_embed = TimestepEmbedding(256, hidden_size)  # 256 frequencies, then an MLP (SD3's, DiT's)
         self.y_embed = label_or_vector_embedder(num_classes, y_dim, hidden_size)
@@ -193,6 +200,7 @@ class MMDiT(nn.Module):
         for block in self.blocks:
             layers += [block.modulation[-1], block.modulation_ctx[-1]]
         init_dit_weights(self, layers)
+        self.init_mask_token()
 
     def positions(self, height: int, width: int, device=None) -> Tensor:
         """(height * width, D) sin-cos positions of a grid of patches (SD3's crop, or the integer grid)."""
@@ -236,7 +244,8 @@ class MMDiT(nn.Module):
         p = self.patch_size
         h = torch.cat([x, concat.to(x.dtype)], dim=1) if self.concat_channels else x
         tokens = rearrange(self.patchify(h), "b d h w -> b (h w) d")  # (B, N, D)
-        tokens = tokens + self.positions(height // p, width // p, x.device).to(tokens.dtype)
+        pos = self.positions(height // p, width // p, x.device).to(tokens.dtype)  # (N, D)
+        tokens = self.drop(tokens + pos, (height // p, width // p))  # (B, N_keep, D): patch masking in training
         c = self.time_embed(t)  # (B, D)
         if self.y_embed is not None:
             c = c + self.y_embed(y if self.num_classes is not None else y.to(c.dtype))
@@ -246,6 +255,7 @@ class MMDiT(nn.Module):
                 tokens, ctx = checkpoint(block, tokens, ctx, c, context_mask, use_reentrant=False)
             else:
                 tokens, ctx = block(tokens, ctx, c, context_mask)
+        tokens = self.restore(tokens, pos)  # (B, N, D): the dropped positions the mask token at its position
         shift, scale = self.modulation_out(c).chunk(2, dim=1)
         out = self.proj_out(modulate(self.norm_out(tokens), shift, scale))  # (B, N, p * p * C_out)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=height // p, w=width // p, p=p, q=p)

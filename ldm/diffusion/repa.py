@@ -145,12 +145,13 @@ class RepresentationAlignment(nn.Module):
 
     def fit_to(self, backbone: nn.Module) -> "RepresentationAlignment":
         """Check ``backbone`` is a transformer with ``blocks`` of at least ``depth`` whose tokens form an image grid
-        (``last_grid``, as :class:`~ldm.diffusion.DiT`'s; MMDiT's joint blocks are not supported) and build the
+        (``last_grid``: :class:`~ldm.diffusion.DiT`, or :class:`~ldm.diffusion.MMDiT`, whose joint blocks' image
+        stream is aligned) and build the
         projector for its width (``hidden_size``). Returns self."""
         blocks = getattr(backbone, "blocks", None)
         if not isinstance(blocks, nn.ModuleList) or not hasattr(backbone, "last_grid"):
             raise TypeError(f"REPA aligns the image tokens of a transformer backbone with blocks and a token grid "
-                            f"(ldm.diffusion.DiT); {type(backbone).__name__} is not one")
+                            f"(ldm.diffusion.DiT or MMDiT); {type(backbone).__name__} is not one")
         if self.depth > len(blocks):
             raise ValueError(f"REPA depth {self.depth}: the backbone has {len(blocks)} blocks")
         width = getattr(backbone, "hidden_size", None)
@@ -166,11 +167,12 @@ class RepresentationAlignment(nn.Module):
     @contextmanager
     def capture(self, backbone: nn.Module) -> Iterator[dict[str, Tensor]]:
         """Within the block, ``captured["tokens"]`` holds the output (B, N, D) of the backbone's block ``depth`` of
-        its last forward (a forward hook on ``backbone.blocks[depth - 1]``)."""
+        its last forward (a forward hook on ``backbone.blocks[depth - 1]``; of an MMDiT's joint block, the image
+        stream)."""
         captured: dict[str, Tensor] = {}
 
-        def hook(module: nn.Module, args, output: Tensor) -> None:
-            captured["tokens"] = output
+        def hook(module: nn.Module, args, output: Tensor | tuple[Tensor, Tensor | None]) -> None:
+            captured["tokens"] = output[0] if isinstance(output, tuple) else output  # an MMDiT block: image stream
 
         handle = backbone.blocks[self.depth - 1].register_forward_hook(hook)
         try:

@@ -259,6 +259,18 @@ def test_the_gpu_presets_parse_over_the_sd15_config(preset, tmp_path, capsys):
     assert "channels" not in unet["init_args"]  # nothing of the U-Net left over
 
 
+def test_the_mmdit_preset_takes_microdits_masking_schedule(tmp_path, capsys):
+    from ldm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", TRAINER, "-c", SD15, "-c", str(REPO / "configs/dit/mmdit-256.yaml"),
+              f"--data.train={tmp_path}/train-*.tar", "--model.init_args.unet.init_args.mask_ratio=0.75",
+              "--model.init_args.unmask_after_steps=200000", "--print_config"])
+    assert exc.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model["unet"]["init_args"]["mask_ratio"] == 0.75 and model["unmask_after_steps"] == 200000
+
+
 def _unet_args(preset):
     return yaml.safe_load((REPO / "configs/dit" / preset).read_text())["model"]["init_args"]["unet"]["init_args"]
 

@@ -1,11 +1,11 @@
-"""Patch masking of the DiT (MaskDiT, Zheng et al. 2024): how many tokens the blocks see, that a masking path which
+"""Patch masking of the DiT and the MMDiT (MaskDiT, Zheng et al. 2024): how many tokens the blocks see, that a masking path which
 drops nothing is exactly the unmasked model, that the loss counts only the kept patches, and the unmasked phase."""
 
 import pytest
 import torch
 
-from ldm.diffusion import DenoisingLoss, DiT, FlowPrecond
-from ldm.diffusion.dit import drop_tokens, keep_count, restore_tokens
+from ldm.diffusion import DenoisingLoss, DiT, FlowPrecond, MMDiT
+from ldm.diffusion.patch_masking import drop_tokens, keep_count, restore_tokens
 
 
 def small_dit(mask_ratio: float = 0.0, seed: int = 0) -> DiT:
@@ -135,3 +135,68 @@ def test_a_model_built_without_masking_cannot_mask_and_the_ratio_is_checked():
         model(torch.randn(1, 4, 8, 8), torch.rand(1))
     with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
         DiT(hidden_size=32, depth=1, num_heads=4, mask_ratio=1.0)
+
+
+# -- the same masking in SD3's MMDiT: the joint blocks see the kept image tokens and every text token ---------------
+
+def small_mmdit(mask_ratio: float = 0.0, seed: int = 0, depth: int = 2) -> MMDiT:
+    torch.manual_seed(seed)
+    model = MMDiT(in_channels=4, patch_size=2, hidden_size=32, depth=depth, num_heads=4, context_dim=16, y_dim=8,
+                  mask_ratio=mask_ratio)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def mmdit_inputs(b: int = 3, side: int = 16):
+    return (torch.randn(b, 4, side, side), torch.rand(b), {"context": torch.randn(b, 5, 16), "y": torch.randn(b, 8)})
+
+
+def test_mmdit_masking_drops_image_tokens_only_and_eval_masks_nothing():
+    model = small_mmdit(0.75).train()
+    seen: list[tuple[int, int]] = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[1], args[1].shape[1])))
+    x, t, cond = mmdit_inputs()  # 8 x 8 = 64 image tokens, 5 text tokens
+    out = model(x, t, **cond)
+    assert out.shape == x.shape and model.last_kept.shape == (3, 16) and model.last_grid == (8, 8)
+    assert seen == [(16, 5), (16, 5)]  # a quarter of the image tokens, all the text tokens
+    assert model.output_mask().sum(dim=(1, 2, 3)).tolist() == [16 * 4.0] * 3
+    seen.clear()
+    model.eval()(x, t, **cond)
+    assert seen == [(64, 5), (64, 5)] and model.last_kept is None and model.output_mask() is None
+    assert small_mmdit(0.0).mask_token is None  # unmasked: diffusers' parameter count (tests/diffusion/test_mmdit.py)
+    with pytest.raises(ValueError, match="MMDiT was built without patch masking"):
+        broken = small_mmdit(0.0).train()
+        broken.mask_ratio = 0.5
+        broken(x, t, **cond)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+        small_mmdit(1.0)
+
+
+def test_mmdit_masking_that_drops_nothing_is_exactly_the_unmasked_model_and_dropped_patches_ignore_the_input():
+    masked, plain = small_mmdit(0.01).train(), small_mmdit(0.0).train()  # round(0.01 * 16) = 0 dropped
+    plain.load_state_dict({k: v for k, v in masked.state_dict().items() if k != "mask_token"})
+    x, t, cond = mmdit_inputs(2, 8)
+    assert torch.equal(masked(x, t, **cond), plain(x, t, **cond)) and masked.last_kept.shape == (2, 16)
+    model = small_mmdit(0.5).train()
+    other = torch.randn_like(x)
+    torch.manual_seed(3)
+    a = model(x, t, **cond)
+    torch.manual_seed(3)
+    b = model(other, t, **cond)
+    dropped = (model.output_mask() == 0).expand_as(a)  # the same draw
+    assert dropped.sum() == 2 * 8 * 4 * 4
+    assert torch.allclose(a[dropped], b[dropped], atol=1e-6) and not torch.allclose(a[~dropped], b[~dropped])
+
+
+def test_the_loss_counts_only_the_patches_the_mmdit_kept():
+    model, loss, precond = small_mmdit(0.5).train(), DenoisingLoss(), FlowPrecond()
+    x0, sigma, noise = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8]), torch.randn(2, 4, 8, 8)
+    cond = {"context": torch.randn(2, 5, 16), "y": torch.randn(2, 8)}
+    torch.manual_seed(5)
+    got = loss(precond, model, x0, cond, sigma=sigma, noise=noise)
+    torch.manual_seed(5)
+    _, raw = precond.raw(model, x0 + sigma[:, None, None, None] * noise, sigma, cond)
+    err = (raw - precond.target(x0, noise, sigma)).pow(2) * model.output_mask()
+    assert torch.allclose(got, err.flatten(1).sum(1) / (32 * 4), rtol=1e-5)

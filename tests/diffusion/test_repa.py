@@ -8,7 +8,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 
 from ldm.contrastive.model import OpenCLIP
-from ldm.diffusion import DiT, UNet
+from ldm.diffusion import DiT, MMDiT, UNet
 from ldm.diffusion.repa import RepresentationAlignment, patch_features, projector
 
 
@@ -151,3 +151,31 @@ def test_only_transformer_backbones_with_enough_blocks():
         repa.fit_to(DiT(in_channels=4, hidden_size=32, depth=2, num_heads=4))
     with pytest.raises(ValueError, match="depth counts blocks from 1"):
         RepresentationAlignment(TinyEncoder(), depth=0)
+
+
+def test_repa_aligns_the_image_stream_of_an_mmdit_joint_block_with_or_without_masking():
+    """An MMDiT block returns (image tokens, text tokens): REPA reads the image stream, its gradient reaches the
+    blocks up to the aligned one (both streams of those, through the joint attention) and no later; with patch
+    masking the kept image tokens are aligned."""
+    torch.manual_seed(0)
+    mmdit = MMDiT(in_channels=4, patch_size=2, hidden_size=32, depth=3, num_heads=4, context_dim=16)
+    for p in mmdit.parameters():
+        nn.init.normal_(p, std=0.05)
+    repa = RepresentationAlignment(TinyEncoder(), depth=2, hidden=64).fit_to(mmdit)
+    assert repa.projector[0].in_features == 32
+    context = torch.randn(2, 5, 16)
+    with repa.capture(mmdit) as captured:
+        mmdit(torch.randn(2, 4, 8, 8), torch.rand(2), context=context)  # a 4 x 4 grid, the encoder's
+    assert captured["tokens"].shape == (2, 16, 32) and mmdit.last_grid == (4, 4)
+    repa(captured["tokens"], torch.rand(2, 3, 32, 32) * 2 - 1, mmdit.last_grid).mean().backward()
+    assert mmdit.blocks[1].attn.to_q.weight.grad.abs().sum() > 0
+    assert mmdit.blocks[0].mlp_ctx[0].weight.grad.abs().sum() > 0  # the text stream feeds block 2's attention
+    assert all(p.grad is None for p in mmdit.blocks[2].parameters()) and mmdit.proj_out.weight.grad is None
+    masked = MMDiT(in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=4, context_dim=16,
+                   mask_ratio=0.5).train()
+    repa = RepresentationAlignment(TinyEncoder(), depth=1, hidden=64).fit_to(masked)
+    with repa.capture(masked) as captured:
+        masked(torch.randn(2, 4, 8, 8), torch.rand(2), context=context)
+    assert captured["tokens"].shape == (2, 8, 32) and masked.last_kept.shape == (2, 8)
+    loss = repa(captured["tokens"], torch.zeros(2, 3, 32, 32), masked.last_grid, masked.last_kept)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()

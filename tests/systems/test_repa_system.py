@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.checkpoint_files import find_checkpoint, load_checkpoint_file
-from ldm.diffusion import DiT, UNet
+from ldm.diffusion import DiT, MMDiT, UNet
 from ldm.diffusion.repa import FrozenImageEncoder, RepresentationAlignment
 from ldm.systems import LatentDiffusion
 from ldm.systems.loading import load_latent_diffusion
@@ -73,3 +73,19 @@ def test_repa_needs_a_transformer(stage_runs):
     with pytest.raises(ValueError, match="unmask_after_steps turns off patch masking"):
         small_system(UNet(in_channels=3, channels=32, channel_mult=[1], num_res_blocks=1, attention_levels=[],
                           groups=8), unmask_after_steps=10)
+
+
+def test_an_mmdit_trains_with_repa_and_patch_masking_then_unmasked(stage_runs):
+    """The system's REPA and unmasked phase work on SD3's MMDiT as on the DiT: a training step with half the image
+    tokens masked gives the denoising + weighted alignment loss; from ``unmask_after_steps`` on nothing is masked."""
+    encoder = FrozenImageEncoder(checkpoint=str(stage_runs["clip"]))
+    mmdit = MMDiT(in_channels=3, patch_size=8, hidden_size=32, depth=2, num_heads=4, context_dim=8, mask_ratio=0.5)
+    system = small_system(mmdit, repa=RepresentationAlignment(encoder, depth=1, hidden=32), unmask_after_steps=0)
+    batch = {"image": torch.rand(2, 3, 32, 32) * 2 - 1}
+    cond = {"context": torch.randn(2, 3, 8)}
+    system.condition = lambda batch: dict(cond)  # the conditioner's output; the tiny text width has no encoder
+    loss = system.training_step(batch, 0)
+    assert torch.isfinite(loss) and mmdit.last_kept.shape == (2, 8)  # 16 tokens, 8 kept
+    system.on_train_batch_start(batch, 0)  # global step 0 >= unmask_after_steps
+    system.training_step(batch, 0)
+    assert mmdit.mask_ratio == 0.0 and mmdit.last_kept is None
