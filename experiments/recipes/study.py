@@ -29,24 +29,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-#: arm -> (what it changes, extra ldm fit arguments). All start from configs/ldm/debug.yaml (the demo's U-Net,
-#: eps prediction on SD's scaled-linear schedule, uniform timesteps, lr 1e-3, batch 32, EMA 0.99).
+#: arm -> (what it changes, extra ldm fit arguments). All start from configs/ldm/debug.yaml (the demo's U-Net, lr 1e-3,
+#: batch 32, EMA 0.99): since the study it trains a rectified flow; the eps arms add configs/ldm/debug-eps.yaml (eps
+#: prediction on SD's scaled-linear schedule, uniform timesteps: the preset's recipe before the study).
+EPS = ["-c", "configs/ldm/debug-eps.yaml"]
 ARMS: dict[str, tuple[str, list[str]]] = {
-    "unet-eps": ("U-Net, eps prediction, uniform timesteps (the demo's recipe)", []),
-    "unet-v": ("U-Net, v prediction", ["--model.init_args.precond.class_path=ldm.diffusion.VPrecond"]),
+    "unet-eps": ("U-Net, eps prediction, uniform timesteps (the demo's recipe before the study)", EPS),
+    "unet-v": ("U-Net, v prediction", [*EPS, "--model.init_args.precond.class_path=ldm.diffusion.VPrecond"]),
     "unet-eps-minsnr": ("U-Net, eps prediction, min-SNR-5 weighting",
-                        ["--model.init_args.loss=ldm.diffusion.DenoisingLoss",
+                        [*EPS, "--model.init_args.loss=ldm.diffusion.DenoisingLoss",
                          "--model.init_args.loss.init_args.weighting=ldm.diffusion.MinSNRWeighting"]),
-    "unet-flow": ("U-Net, rectified flow, logit-normal times", ["-c", "configs/ldm/debug-flow.yaml"]),
+    "unet-flow": ("U-Net, rectified flow, logit-normal times (configs/ldm/debug.yaml since the study)", []),
     "dit-flow": ("DiT (2 blocks, width 64, patch 2), rectified flow, logit-normal times",
                  ["-c", "configs/dit/debug.yaml"]),
     "dit-flow-repa": ("DiT + REPA to the demo CLIP's image tokens (weight 0.5), no masking",
                       ["-c", "configs/dit/debug.yaml", "-c", "configs/dit/debug-repa.yaml",
                        "--model.init_args.unet.init_args.mask_ratio=0.0", "--model.init_args.unmask_after_steps=null"]),
     "unet-eps-vec": ("U-Net, eps, plus the pooled text embedding added to the timestep embedding (vector: text)",
-                     ["--model.init_args.unet.init_args.y_dim=64", "--model.init_args.conditioner.init_args.vector=text"]),
-    "unet-eps-lr3e-3": ("U-Net, eps, lr 3e-3", ["--model.init_args.optimizer.init_args.lr=3e-3"]),
-    "unet-eps-b64": ("U-Net, eps, batch 64 (twice the images per step)", ["--data.batch_size=64"]),
+                     [*EPS, "--model.init_args.unet.init_args.y_dim=64",
+                      "--model.init_args.conditioner.init_args.vector=text"]),
+    "unet-eps-lr3e-3": ("U-Net, eps, lr 3e-3", [*EPS, "--model.init_args.optimizer.init_args.lr=3e-3"]),
+    "unet-eps-b64": ("U-Net, eps, batch 64 (twice the images per step)", [*EPS, "--data.batch_size=64"]),
 }
 
 METRICS = ["fd_clip", "clip_score", "compositional/color", "compositional/shape", "compositional/count",

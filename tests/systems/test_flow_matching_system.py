@@ -1,4 +1,4 @@
-"""A flow-matching latent-diffusion run (configs/ldm/debug-flow.yaml) trains, validates at flow times and samples
+"""A flow-matching latent-diffusion run (configs/ldm/debug.yaml, a rectified flow since the recipe study) trains, validates at flow times and samples
 with every sampler (Euler / Heun in its flow space, the others in the sigma space) and edits images. The DiT debug preset (configs/dit/debug.yaml:
 a diffusion transformer with the same flow recipe) trains and samples through `ldm fit` and `ldm sample`."""
 
@@ -11,14 +11,13 @@ from ldm.pipelines.text_to_image import SamplerSettings, TextToImage
 from tests.conftest import REPO
 from tests.stages import DEBUG, LDM_DEBUG, fit, stage_args
 
-FLOW = str(REPO / "configs/ldm/debug-flow.yaml")
 DIT = str(REPO / "configs/dit/debug.yaml")
 
 
 @pytest.fixture(scope="module")
 def flow_run(shapes_dir, stage_runs, tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    return fit(["-c", *DEBUG, "-c", LDM_DEBUG, "-c", FLOW, *stage_args(stage_runs),
+    return fit(["-c", *DEBUG, "-c", LDM_DEBUG, *stage_args(stage_runs),
                 f"--data.train={shapes_dir}/train-*.tar", f"--data.val={shapes_dir}/val-*.tar", "--data.num_workers=0",
                 "--data.batch_size=16", "--trainer.max_steps=14", "--trainer.max_epochs=-1",
                 "--trainer.val_check_interval=7", "--trainer.limit_val_batches=1", f"--run.root={root}",

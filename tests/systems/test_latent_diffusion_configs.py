@@ -17,7 +17,7 @@ CONFIGS = sorted(p.name for p in (REPO / "configs/ldm").glob("*.yaml"))
 
 
 def _base(config: str) -> list[str]:
-    """An overlay (no model class_path of its own, e.g. debug-flow.yaml) composes after the debug preset."""
+    """An overlay (no model class_path of its own, e.g. debug-eps.yaml) composes after the debug preset."""
     model = (yaml.safe_load((REPO / "configs/ldm" / config).read_text()) or {}).get("model") or {}
     return [] if "class_path" in model else ["-c", str(REPO / "configs/ldm/debug.yaml")]
 
@@ -30,6 +30,20 @@ def test_every_ldm_config_parses(config, shapes_dir, capsys):
     assert exc.value.code == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["model"]["class_path"] == "ldm.systems.LatentDiffusion"
+
+
+@pytest.mark.parametrize("overlays, precond, sampler", [
+    ([], "ldm.diffusion.FlowPrecond", "ldm.diffusion.LogitNormalSigmas"),  # the recipe study's choice
+    (["debug-eps.yaml"], "ldm.diffusion.EpsPrecond", "ldm.diffusion.UniformTimesteps")])  # the recipe before it
+def test_the_debug_preset_is_a_rectified_flow_and_the_eps_overlay_restores_eps(overlays, precond, sampler, shapes_dir,
+                                                                                capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", *DEBUG, "-c", str(REPO / "configs/ldm/debug.yaml"),
+              *[a for o in overlays for a in ("-c", str(REPO / "configs/ldm" / o))],
+              f"--data.train={shapes_dir}/train-*.tar", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model["precond"]["class_path"] == precond
+    assert model["loss"]["init_args"]["sigma_sampler"]["class_path"] == sampler
 
 
 def _build(config: str, shapes_dir, *extra: str):
