@@ -22,14 +22,13 @@ diffusers has no such option), the saving the masking buys. ``tiny`` (2 blocks o
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm.diffusion import DiT
 from ldm.diffusion.dit import PRESETS
+from unet import time_training  # experiments/bench/unet.py: the same timed training step
 
 SIZES = {**{f"{size}/{p}": (size, p) for size in PRESETS for p in (2, 4, 8)}, "tiny": (None, 2)}
 
@@ -76,25 +75,6 @@ def forward_flops(model, call, latent: int) -> int:
     return counter.get_total_flops()
 
 
-def images_per_second(model, call, x, t, labels, iters: int, bf16: bool) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.randn(len(x), 8, *x.shape[-2:], device=x.device)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(iters + 2):
-        sync()
-        start = time.perf_counter()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = call(model, x, t, labels)
-        (out.float() - target).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= 2:  # two warm-up steps (compilation, allocator)
-            times.append(time.perf_counter() - start)
-    return len(x) / statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["XL/2"], choices=sorted(SIZES))
@@ -138,7 +118,8 @@ def main() -> None:
                 x = torch.randn(args.batch, 4, args.latent, args.latent, device=args.device)
                 t = torch.randint(0, 1000, (args.batch,), device=args.device)
                 labels = torch.randint(0, 1000, (args.batch,), device=args.device)
-                speed = images_per_second(model, call, x, t, labels, args.iters, args.bf16)
+                target = torch.randn(args.batch, 8, args.latent, args.latent, device=args.device)  # learned sigma
+                speed = time_training(model, call, x, t, labels, args.iters, args.bf16, target)
                 del model
             results[label] = (n, flops, speed)
         for label, (n, flops, speed) in results.items():
