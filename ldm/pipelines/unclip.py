@@ -102,6 +102,12 @@ class UnCLIP:
         emb = self.encode_images(image)[:1].expand(n, -1)
         return self.decode(emb, settings, image_size=image_size, progress=progress)
 
+    def variations_of(self, images: Tensor) -> VariationsOf:
+        """A pipeline of the same call as :class:`TextToImage` whose row ``i`` decodes the CLIP image embedding of
+        ``images[i]`` (B, 3, H, W) in [-1, 1], not its caption's: ``ldm eval --variations`` scores it against the
+        images' own metadata (do variations keep the objects?)."""
+        return VariationsOf(self, images)
+
     def interpolate(self, image_a: Tensor, image_b: Tensor, frames: int, settings: SamplerSettings, *,
                     image_size: int, progress: bool = False) -> Tensor:
         """A strip of ``frames`` images along the slerp between two images' embeddings, one shared decoder noise."""
@@ -142,3 +148,24 @@ class UnCLIP:
         embeddings = self.text_diff_embeddings(image, old_prompt, new_prompt, amounts)
         return self.decode(embeddings, ddim, image_size=image_size, progress=progress,
                            x_init=x_t.expand(len(embeddings), *x_t.shape[1:]))
+
+
+class VariationsOf:
+    """Variations of a fixed image set, called like a :class:`TextToImage` (``GenerationEvaluator`` does):
+    ``pipe(prompts, settings, image_size=, index_offset=i)`` decodes the CLIP image embeddings of ``images[i:i +
+    len(prompts)]``, image ``j`` from the noise of ``settings.seed + j`` as every pipeline; the prompts only count
+    the rows (the decoder reads no caption here). Made by :meth:`UnCLIP.variations_of`."""
+
+    def __init__(self, unclip: UnCLIP, images: Tensor):
+        self.unclip, self.images = unclip, images
+        self.system, self.batch_size = unclip.decoder, unclip.pipe.batch_size
+
+    def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int, progress: bool = True,
+                 index_offset: int = 0) -> Tensor:
+        rows = self.images[index_offset: index_offset + len(prompts)]
+        if len(rows) != len(prompts):
+            raise ValueError(f"variations of {len(self.images)} images: rows {index_offset}..{index_offset + len(prompts)} "
+                             "asked for")
+        embeddings = self.unclip.encode_images(rows)
+        return self.unclip.pipe(list(prompts), settings, image_size=image_size, progress=progress,
+                                index_offset=index_offset, embeddings=embeddings)

@@ -4,6 +4,7 @@
              [--guidance-scale 5] [--guidance-sweep 1,2,3,5,7] [--inception FILE|download] [--clip RUN_OR_CKPT]
              [--out DIR] [--precision bf16-mixed] [--weights ema|raw]
     ldm eval -c eval.yaml [--num-images 50000]    # options from a YAML file; --print_config writes one
+    ldm eval --ckpt DECODER_RUN [--prior PRIOR_RUN | --variations] ...   # an unCLIP decoder
 
 Options in ``ldm fit``'s dialect (:mod:`ldm.tools.options`); the older names ``--n``, ``--cfg``, ``--cfg-sweep``
 and ``--data`` still work as aliases of ``--num-images``, ``--guidance-scale``, ``--guidance-sweep`` and
@@ -57,6 +58,10 @@ def _parser() -> ToolParser:
     p.add_argument("--shards", aliases=("--data",), help="validation shard pattern (default: the run's data.val)")
     p.add_argument("--prior", help="diffusion-prior run, for an unCLIP decoder: prompts -> prior -> decoder "
                    "(without it a decoder reads the CLIP text embedding directly)")
+    p.add_argument("--variations", action="store_true",
+                   help="for an unCLIP decoder: decode each validation image's own CLIP image embedding (DALL-E 2's "
+                        "image variations) instead of its caption's; the compositional checker then says whether the "
+                        "variations keep the images' colours, shapes and counts")
     p.add_argument("--num-images", aliases=("--n",), type=int, default=1000,
                    help="number of captions / generated images")
     p.add_argument("--prompt-set", choices=["val", "binding"], default="val",
@@ -166,6 +171,9 @@ def _main(args, ranks) -> int:
         device = ranks.device(args.device)
         pipe = TextToImage(load_latent_diffusion(args.ckpt, weights=args.weights).to(device),
                            batch_size=args.batch_size)
+        if args.variations and (args.prior or args.prompt_set != "val"):
+            raise ValueError("--variations decodes the validation images' own embeddings: it takes no --prior and "
+                             "needs --prompt-set val")
         if args.prior:
             pipe = _through_prior(pipe, args.prior, device)
         size = args.size or run_image_size(args.ckpt)
@@ -184,6 +192,10 @@ def _main(args, ranks) -> int:
             evalset, data = binding_eval_set(args.num_images, size, args.seed), "binding scenes"
         else:
             evalset = load_eval_set(str(data), args.num_images, size)
+        if args.variations:
+            from ldm.pipelines import UnCLIP
+
+            pipe = UnCLIP(pipe.system, batch_size=args.batch_size).variations_of(evalset.images.to(device))
         results = []
         for cfg in cfgs:
             settings = SamplerSettings(sampler=args.sampler, steps=args.steps, cfg=cfg, seed=args.seed)
@@ -217,7 +229,9 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
     k = min(args.grid, len(main.images))
     grid = list(zip(to_pil(main.images[:k]), main.labels(evalset, k), strict=True))
     caption_grid(grid, cell=128, caption_lines=7).save(out / "samples.png")
+    variations = getattr(args, "variations", False)
     record = {"checkpoint": checkpoint, "weights": args.weights, "precision": args.precision, "prior": args.prior,
+              "variations": variations,
               "data": data, "n": len(evalset),
               "image_size": evalset.image_size,
               "inception_weights": weights_note, "clip_scorer": scorer_note, "grid_cfg": main_settings.cfg,
@@ -230,7 +244,10 @@ def write_report(out: Path, args, checkpoint: str, data: str, evalset, results, 
     keys = sorted({key for _, r in results for key in r.metrics if key != "n"})
     rows = [[f"{s.cfg:g}"] + [f"{r.metrics[key]:.4g}" if key in r.metrics else "" for key in keys] for s, r in results]
     s = main_settings
-    intro = (f"Checkpoint `{checkpoint}`, {len(evalset)} captions of `{data}` at {evalset.image_size} px; "
+    what = (f"variations of the first {len(evalset)} images of `{data}` (each decoded from its own CLIP image "
+            "embedding; scored against its caption and metadata)" if variations else
+            f"{len(evalset)} captions of `{data}`" + (f" through the prior `{args.prior}`" if args.prior else ""))
+    intro = (f"Checkpoint `{checkpoint}`, {what} at {evalset.image_size} px; "
              f"{s.sampler}, {s.steps} steps, seed {s.seed}; {args.weights.upper()} weights, {args.precision}. "
              f"Inception weights: {weights_note}. "
              f"CLIP scorer: {scorer_note}.")

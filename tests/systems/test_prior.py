@@ -200,6 +200,30 @@ def test_interpolation_ends_are_the_images_own_decodings(unclip, embeddings):
     assert variations.shape == (3, 3, 32, 32) and not torch.allclose(variations[0], variations[1])
 
 
+def test_variations_of_an_image_set_decode_each_images_own_embedding(unclip, embeddings):
+    from ldm.pipelines import SamplerSettings
+
+    images = _val_images(embeddings.parent / "shapes", n=4)
+    settings = SamplerSettings(sampler="euler", steps=4, cfg=2.0, seed=3)
+    pipe = unclip.variations_of(images)
+    every = pipe(["x"] * 4, settings, image_size=32, progress=False)
+    assert every.shape == (4, 3, 32, 32)
+    # row 0: image 0's embedding from the noise of the seed itself, as the image decoded alone
+    own = unclip.decode(unclip.encode_images(images[:1]), settings, image_size=32)
+    assert torch.allclose(every[0], own[0], atol=1e-3)  # batch of 4 against batch of 1: float32 rounding
+    # a block of rows (another rank's share) gives the same images as the whole set
+    assert torch.allclose(pipe(["x"] * 2, settings, image_size=32, progress=False, index_offset=2), every[2:], atol=1e-3)
+    # the rows decode the images' embeddings in order: the pipeline with those embeddings given, exactly
+    embeddings = unclip.encode_images(images)
+    assert torch.equal(every, unclip.pipe(["x"] * 4, settings, image_size=32, progress=False, embeddings=embeddings))
+    # the same noise with the images in another order: other images (the 40-step decoder barely reads its embedding,
+    # so only that they differ is asserted)
+    rolled = unclip.variations_of(images.roll(1, dims=0))(["x"] * 4, settings, image_size=32, progress=False)
+    assert not torch.equal(rolled, every)
+    with pytest.raises(ValueError, match="variations of 4 images"):
+        pipe(["x"] * 2, settings, image_size=32, index_offset=3)
+
+
 def test_text_diff_starts_at_the_image_and_moves_with_the_amount(unclip, embeddings):
     from ldm.pipelines import SamplerSettings
 
@@ -259,6 +283,16 @@ def test_sample_cli_unclip_modes(unclip, embeddings, tmp_path, monkeypatch, caps
     report = json.loads((tmp_path / "e/report.json").read_text())
     assert report["prior"] == str(unclip.runs["prior"])
     assert {"clip_score", "fd_clip", "compositional/count"} <= set(report["results"][0]["metrics"])
+    # variations: each validation image's own embedding decoded, checked against its own metadata
+    assert evaluate(["--ckpt", str(unclip.runs["decoder"]), "--variations", "--data",
+                     f"{embeddings.parent}/shapes/val-*.tar", "--n", "6", "--steps", "3", "--quiet", "--out", "ev"]) == 0
+    report = json.loads((tmp_path / "ev/report.json").read_text())
+    assert report["variations"] is True and report["prior"] is None and report["n"] == 6
+    assert {"clip_score", "compositional/color", "compositional/shape"} <= set(report["results"][0]["metrics"])
+    assert "variations of the first 6 images" in (tmp_path / "ev/report.md").read_text()
+    assert evaluate(["--ckpt", str(unclip.runs["decoder"]), "--variations", "--prior", str(unclip.runs["prior"]),
+                     "--data", f"{embeddings.parent}/shapes/val-*.tar", "--n", "2", "--quiet", "--out", "x"]) == 2
+    assert "--variations decodes the validation images' own embeddings" in capsys.readouterr().err
     # errors name what is wrong
     assert main([*common, "--mode", "interpolate", "--image", "in0.png", "--out", "x.png"]) == 2
     assert "needs 2 --image" in capsys.readouterr().err
