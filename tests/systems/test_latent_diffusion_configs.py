@@ -32,14 +32,17 @@ def test_every_ldm_config_parses(config, shapes_dir, capsys):
     assert resolved["model"]["class_path"] == "ldm.systems.LatentDiffusion"
 
 
-@pytest.mark.parametrize("overlays, precond, sampler", [
-    ([], "ldm.diffusion.FlowPrecond", "ldm.diffusion.LogitNormalSigmas"),  # the recipe study's choice
-    (["debug-eps.yaml"], "ldm.diffusion.EpsPrecond", "ldm.diffusion.UniformTimesteps")])  # the recipe before it
-def test_the_debug_preset_is_a_rectified_flow_and_the_eps_overlay_restores_eps(overlays, precond, sampler, shapes_dir,
-                                                                                capsys):
+@pytest.mark.parametrize("base, overlays, precond, sampler", [
+    ("ldm/debug.yaml", [], "ldm.diffusion.FlowPrecond", "ldm.diffusion.LogitNormalSigmas"),  # the recipe study's choice
+    ("ldm/debug.yaml", ["ldm/debug-eps.yaml"], "ldm.diffusion.EpsPrecond", "ldm.diffusion.UniformTimesteps"),  # before
+    # the unCLIP decoder too (docs/unclip.md: its eps recipe drew noise in make demo's 200 steps)
+    ("unclip/debug.yaml", [], "ldm.diffusion.FlowPrecond", "ldm.diffusion.LogitNormalSigmas"),
+    ("unclip/debug.yaml", ["ldm/debug-eps.yaml"], "ldm.diffusion.EpsPrecond", "ldm.diffusion.UniformTimesteps")])
+def test_the_debug_presets_are_rectified_flows_and_the_eps_overlay_restores_eps(base, overlays, precond, sampler,
+                                                                                 shapes_dir, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "-c", *DEBUG, "-c", str(REPO / "configs/ldm/debug.yaml"),
-              *[a for o in overlays for a in ("-c", str(REPO / "configs/ldm" / o))],
+        main(["fit", "-c", *DEBUG, "-c", str(REPO / "configs" / base),
+              *[a for o in overlays for a in ("-c", str(REPO / "configs" / o))],
               f"--data.train={shapes_dir}/train-*.tar", "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert model["precond"]["class_path"] == precond
