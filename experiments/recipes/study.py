@@ -54,9 +54,19 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "unet-eps-vec": ("U-Net, eps, plus the pooled text embedding added to the timestep embedding (vector: text)",
                      [*EPS, "--model.init_args.unet.init_args.y_dim=64",
                       "--model.init_args.conditioner.init_args.vector=text"]),
+    "diffusers-example": ("diffusers' examples/text_to_image/train_text_to_image.py recipe with its defaults on diffusers' "
+                          "UNet2DConditionModel of the same architecture: eps, uniform timesteps, lr 1e-4, weight decay "
+                          "1e-2, no EMA, no caption dropout (experiments/recipes/diffusers_example.py)",
+                          [*EPS, "--model.init_args.conditioner.init_args.null=empty_prompt"]),
+    "diffusers-example-lr1e-3": ("the same with the study's lr 1e-3 (the example's --learning_rate=1e-3)",
+                                 [*EPS, "--model.init_args.conditioner.init_args.null=empty_prompt"]),
     "unet-eps-lr3e-3": ("U-Net, eps, lr 3e-3", [*EPS, "--model.init_args.optimizer.init_args.lr=3e-3"]),
     "unet-eps-b64": ("U-Net, eps, batch 64 (twice the images per step)", [*EPS, "--data.batch_size=64"]),
 }
+
+#: arms trained by diffusers' own model and loop (experiments/recipes/diffusers_example.py) -> its extra arguments;
+#: their ldm fit is a one-step template (config, frozen stages, checkpoint layout) whose U-Net weights are replaced
+DIFFUSERS_ARMS = {"diffusers-example": [], "diffusers-example-lr1e-3": ["--lr", "1e-3"]}
 
 METRICS = ["fd_clip", "clip_score", "compositional/color", "compositional/shape", "compositional/count",
            "compositional/relation", "compositional/all_correct"]
@@ -89,6 +99,19 @@ def fit(arm: str, seed: int, args: argparse.Namespace, steps: int | None = None,
         *extra_args, f"--seed_everything={seed}", f"--run.root={args.out}", f"--run.name={arm}",
         f"--run.version={version}", "--run.tags=[study]", "--run.monitors=false")
     return run, time.perf_counter() - start
+
+
+def fit_diffusers(arm: str, seed: int, args: argparse.Namespace) -> tuple[Path, float]:
+    """A diffusers-recipe arm: a one-step ``ldm fit`` template of the same U-Net (eps, the empty prompt as the null
+    condition), then ``diffusers_example.py`` trains diffusers' U-Net from scratch on the same shards and writes a run
+    folder ``ldm eval`` reads. The seconds are the diffusers training loop's own."""
+    template, _ = fit(arm, seed, args, steps=1, version=f"seed{seed}-template")
+    run = args.out / arm / f"seed{seed}"
+    cmd = [sys.executable, str(Path(__file__).with_name("diffusers_example.py")), "--template", str(template),
+           "--out", str(run), "--steps", str(args.steps), "--seed", str(seed), *DIFFUSERS_ARMS[arm]]
+    print("  $ " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return run, json.loads((run / "fit.json").read_text())["seconds"]
 
 
 def evaluate(run: Path, args: argparse.Namespace, ckpt: Path | None = None, name: str = "eval") -> dict:
@@ -216,7 +239,7 @@ def main() -> None:
             if (arm, seed) in done(results):
                 continue
             print(f"[study] {arm} seed {seed}: {ARMS[arm][0]}", flush=True)
-            run, seconds = fit(arm, seed, args)
+            run, seconds = fit_diffusers(arm, seed, args) if arm in DIFFUSERS_ARMS else fit(arm, seed, args)
             report = evaluate(run, args)
             new = not results.is_file()
             with open(results, "a", newline="") as f:
