@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -85,6 +86,9 @@ def fit(arm: str, seed: int, args: argparse.Namespace, steps: int | None = None,
     run = args.out / arm / version
     extra = [a if not a.startswith("configs/") else str(REPO / a) for a in ARMS[arm][1]]
     repa = any("debug-repa" in a for a in extra)
+    if run.exists():  # an earlier study run stopped before this arm's results were written: start it again
+        print(f"  removing {run}: left by an interrupted run (its results are not in results.csv)", flush=True)
+        shutil.rmtree(run)
     start = time.perf_counter()
     ldm("fit", "-c", str(REPO / "configs/trainer/debug.yaml"), "-c", str(REPO / "configs/ldm/debug.yaml"), *extra,
         f"--data.train={demo}/latents/train-*.tar", f"--data.val={demo}/latents/val-*.tar",
