@@ -159,6 +159,7 @@ class VariationsOf:
     def __init__(self, unclip: UnCLIP, images: Tensor):
         self.unclip, self.images = unclip, images
         self.system, self.batch_size = unclip.decoder, unclip.pipe.batch_size
+        self._embeddings: dict[tuple[int, int], Tensor] = {}  # (offset, n) -> CLIP embeddings: once per guidance sweep
 
     def __call__(self, prompts: Sequence[str], settings: SamplerSettings, *, image_size: int, progress: bool = True,
                  index_offset: int = 0) -> Tensor:
@@ -166,6 +167,9 @@ class VariationsOf:
         if len(rows) != len(prompts):
             raise ValueError(f"variations of {len(self.images)} images: rows {index_offset}..{index_offset + len(prompts)} "
                              "asked for")
-        embeddings = self.unclip.encode_images(rows)
+        key = (index_offset, len(rows))
+        if key not in self._embeddings:
+            self._embeddings[key] = self.unclip.encode_images(rows)
+        embeddings = self._embeddings[key]
         return self.unclip.pipe(list(prompts), settings, image_size=image_size, progress=progress,
                                 index_offset=index_offset, embeddings=embeddings)

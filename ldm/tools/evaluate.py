@@ -168,12 +168,12 @@ def _main(args, ranks) -> int:
                     [args.guidance_scale])
         except ValueError as e:
             raise ValueError(f"--guidance-sweep {args.guidance_sweep!r}: give comma-separated numbers") from e
-        device = ranks.device(args.device)
-        pipe = TextToImage(load_latent_diffusion(args.ckpt, weights=args.weights).to(device),
-                           batch_size=args.batch_size)
         if args.variations and (args.prior or args.prompt_set != "val"):
             raise ValueError("--variations decodes the validation images' own embeddings: it takes no --prior and "
                              "needs --prompt-set val")
+        device = ranks.device(args.device)
+        pipe = TextToImage(load_latent_diffusion(args.ckpt, weights=args.weights).to(device),
+                           batch_size=args.batch_size)
         if args.prior:
             pipe = _through_prior(pipe, args.prior, device)
         size = args.size or run_image_size(args.ckpt)
