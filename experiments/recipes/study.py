@@ -63,7 +63,28 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                                  [*EPS, "--model.init_args.conditioner.init_args.null=empty_prompt"]),
     "unet-eps-lr3e-3": ("U-Net, eps, lr 3e-3", [*EPS, "--model.init_args.optimizer.init_args.lr=3e-3"]),
     "unet-eps-b64": ("U-Net, eps, batch 64 (twice the images per step)", [*EPS, "--data.batch_size=64"]),
+    # the budget study (issue 16): the demo's recipe varied one knob at a time, each arm at about the CPU time of the
+    # demo's own latent-diffusion fit (--steps 500); STEP_FACTOR below scales the steps of the arms whose step costs
+    # more or less
+    "unet-flow-lr2e-3": ("U-Net, rectified flow, lr 2e-3", ["--model.init_args.optimizer.init_args.lr=2e-3"]),
+    "unet-flow-lr4e-3": ("U-Net, rectified flow, lr 4e-3", ["--model.init_args.optimizer.init_args.lr=4e-3"]),
+    "unet-flow-b16": ("U-Net, rectified flow, batch 16 for twice the steps", ["--data.batch_size=16"]),
+    "unet-flow-b64": ("U-Net, rectified flow, batch 64 for half the steps", ["--data.batch_size=64"]),
+    "unet-flow-w16": ("U-Net of width 16 (0.28M parameters), rectified flow, 1.5x the steps",
+                      ["--model.init_args.unet.init_args.channels=16"]),
+    "unet-flow-w48": ("U-Net of width 48 (2.4M parameters), rectified flow, 0.6x the steps",
+                      ["--model.init_args.unet.init_args.channels=48"]),
+    "unet-flow-drop0.2": ("U-Net, rectified flow, condition dropout 0.2 (the preset: 0.1)",
+                          ["--model.init_args.cond_drop=0.2"]),
+    "unet-flow-emawarmup": ("U-Net, rectified flow, EMA with diffusers' warmup to 0.999 (the preset: a fixed 0.99)",
+                            ["-c", "experiments/recipes/ema-warmup.yaml"]),
 }
+
+#: arm -> its steps as a multiple of --steps, so that the budget study's arms train for about the same CPU time. The
+#: factors: the batch arms by their images per step; the width arms by the bare U-Net's training step at batch 32 on
+#: the 2-core development machine (width 16 / 32 / 48: 0.64 / 1 / 1.7 of width 32's time). A fit's fixed per-step work
+#: (data, text encoder, EMA) moves the real ratios towards 1: docs/recipes.md gives each fit's seconds.
+STEP_FACTOR = {"unet-flow-b16": 2.0, "unet-flow-b64": 0.5, "unet-flow-w16": 1.5, "unet-flow-w48": 0.6}
 
 #: arms trained by diffusers' own model and loop (experiments/recipes/diffusers_example.py) -> its extra arguments;
 #: their ldm fit is a one-step template (config, frozen stages, checkpoint layout) whose U-Net weights are replaced
@@ -79,9 +100,13 @@ def ldm(*args: str) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
+def arm_steps(arm: str, args: argparse.Namespace) -> int:
+    return round(args.steps * STEP_FACTOR.get(arm, 1.0))
+
+
 def fit(arm: str, seed: int, args: argparse.Namespace, steps: int | None = None, version: str | None = None,
         extra_args: tuple[str, ...] = ()) -> tuple[Path, float]:
-    demo, steps = args.demo, steps or args.steps
+    demo, steps = args.demo, steps or arm_steps(arm, args)
     version = version or f"seed{seed}"
     run = args.out / arm / version
     extra = [a if not a.startswith("configs/") else str(REPO / a) for a in ARMS[arm][1]]
@@ -251,7 +276,7 @@ def main() -> None:
                 if new:
                     w.writerow(["arm", "seed", "steps", "fit_s", "cfg", *METRICS])
                 for r in report["results"]:
-                    w.writerow([arm, seed, args.steps, f"{seconds:.1f}", f"{r['settings']['cfg']:g}",
+                    w.writerow([arm, seed, arm_steps(arm, args), f"{seconds:.1f}", f"{r['settings']['cfg']:g}",
                                 *[f"{r['metrics'].get(m, float('nan')):.4f}" for m in METRICS]])
             summarise(results, args.out, args)
     summarise(results, args.out, args)
