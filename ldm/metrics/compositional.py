@@ -153,12 +153,20 @@ class CompositionalChecker:
         """The verdict for an RGB uint8 image (H, W, 3) against a scene's metadata."""
         expected = meta["objects"]
         detected = self.detect(image)
-        best, best_score = None, -1
-        # every assignment of detected objects (or none) to the described ones; n <= 3, so brute force
+        best, best_score = None, (-1, -1)
+        # every assignment of detected objects (or none) to the described ones; n <= 3, so brute force. The most
+        # colour + shape agreements wins; among those, the most stated relations that hold (two alike objects, "a
+        # red circle left of a red circle", can be matched either way round and one way is right); remaining ties go
+        # to the first in permutation order. The candidates are deduplicated in order (dict, not set: a set of
+        # tuples holding None iterates in an order that changes from process to process, and so did the relation
+        # rate of one checkpoint between two ldm eval calls).
         candidates = list(range(len(detected))) + [None] * len(expected)
-        for perm in set(itertools.permutations(candidates, len(expected))):
-            score = sum((detected[d].color == e["color"]) + (detected[d].shape == e["shape"])
-                        for d, e in zip(perm, expected, strict=True) if d is not None)
+        for perm in dict.fromkeys(itertools.permutations(candidates, len(expected))):
+            match = [detected[d] if d is not None else None for d in perm]
+            score = (sum((m.color == e["color"]) + (m.shape == e["shape"])
+                         for m, e in zip(match, expected, strict=True) if m is not None),
+                     sum(self._relation_holds(match[r["subject"]], r["relation"], match[r["object"]])
+                         for r in meta.get("relations", [])))
             if score > best_score:
                 best, best_score = perm, score
         match = [detected[d] if d is not None else None for d in best]

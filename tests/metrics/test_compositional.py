@@ -60,6 +60,8 @@ def test_a_wrong_shape_is_rejected():
 def test_swapped_positions_break_the_relation():
     for scene in _scenes(60, objects=2):
         a, b = scene.objects
+        if (a.color, a.shape) == (b.color, b.shape):
+            continue  # the checker reads colour and shape, not size: two such objects swapped look the same to it
         swapped = replace(scene, objects=[replace(a, bbox=b.bbox), replace(b, bbox=a.bbox)])
         verdict = CHECKER.check(_image(swapped), scene.to_json())
         assert verdict.count and all(verdict.binding)  # the objects are all there ...
@@ -99,3 +101,18 @@ def test_the_binding_prompt_set_is_judged_correct_on_its_renders():
     metric = CompositionalAccuracy()
     metric.update(evalset.images, evalset.metas)
     assert float(metric.compute()["all_correct"]) == 1.0
+
+
+def test_two_alike_objects_in_the_stated_relation_are_judged_correct_in_any_process():
+    """'a red circle left of a red circle' matches either detected circle to either description: the checker must
+    find the way round in which the relation holds, and decide the same in every process (it iterated a set of
+    tuples holding None, whose order changes with the process, so one checkpoint's relation rate moved between two
+    ldm eval calls: 0.216 and 0.311)."""
+    scenes = _scenes(40, objects=2)
+    for scene in scenes:
+        a, b = scene.objects
+        alike = replace(scene, objects=[a, replace(b, shape=a.shape, color=a.color, rgb=a.rgb, size=a.size)])
+        meta = alike.to_json()
+        meta["objects"][1].update(shape=a.shape, color=a.color)
+        verdict = CHECKER.check(_image(alike), meta)
+        assert verdict.count and verdict.relation == [True], (scene.caption, verdict.summary())
