@@ -153,7 +153,7 @@ class CompositionalChecker:
         """The verdict for an RGB uint8 image (H, W, 3) against a scene's metadata."""
         expected = meta["objects"]
         detected = self.detect(image)
-        best, best_score = None, (-1, -1)
+        match, relations, best_score = [], [], (-1, -1)
         # every assignment of detected objects (or none) to the described ones; n <= 3, so brute force. The most
         # colour + shape agreements wins; among those, the most stated relations that hold (two alike objects, "a
         # red circle left of a red circle", can be matched either way round and one way is right); remaining ties go
@@ -162,18 +162,15 @@ class CompositionalChecker:
         # rate of one checkpoint between two ldm eval calls).
         candidates = list(range(len(detected))) + [None] * len(expected)
         for perm in dict.fromkeys(itertools.permutations(candidates, len(expected))):
-            match = [detected[d] if d is not None else None for d in perm]
+            candidate = [detected[d] if d is not None else None for d in perm]
+            holds = [self._relation_holds(candidate[r["subject"]], r["relation"], candidate[r["object"]])
+                     for r in meta.get("relations", [])]
             score = (sum((m.color == e["color"]) + (m.shape == e["shape"])
-                         for m, e in zip(match, expected, strict=True) if m is not None),
-                     sum(self._relation_holds(match[r["subject"]], r["relation"], match[r["object"]])
-                         for r in meta.get("relations", [])))
+                         for m, e in zip(candidate, expected, strict=True) if m is not None), sum(holds))
             if score > best_score:
-                best, best_score = perm, score
-        match = [detected[d] if d is not None else None for d in best]
+                match, relations, best_score = candidate, holds, score
         color = [m is not None and m.color == e["color"] for m, e in zip(match, expected, strict=True)]
         shape = [m is not None and m.shape == e["shape"] for m, e in zip(match, expected, strict=True)]
-        relations = [self._relation_holds(match[r["subject"]], r["relation"], match[r["object"]])
-                     for r in meta.get("relations", [])]
         return Verdict(count=len(detected) == len(expected), color=color, shape=shape, relation=relations,
                        detected=detected)
 
