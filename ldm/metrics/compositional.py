@@ -15,8 +15,10 @@ median of its strongest pixels; its mask is the pixels more than half-way from t
 to that colour (the renderer's half-coverage edge); its shape is the template of
 :data:`~ldm.data.shapes.SHAPES` (drawn by the renderer itself, cropped to its tight box) with
 the highest IoU after both are resized to ``template_size``. Described and detected objects
-are matched by the assignment with the most colour + shape agreements; relations compare the
-matched objects' centres. The checker is meant for 64 px and larger: at 32 px a small object is
+are matched by the assignment with the most colour + shape agreements, then the most size agreements
+(the larger of two described sizes drawn with the larger side); relations compare the matched
+objects' centres, and a relation counts only if it holds under every such best assignment (the
+checker does not credit a relation between objects it cannot tell apart). The checker is meant for 64 px and larger: at 32 px a small object is
 5 px wide and shapes are ambiguous (accuracies on the renderer's own images in
 ``docs/evaluation.md``).
 """
@@ -36,7 +38,7 @@ from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
 
-from ldm.data.shapes import BACKGROUND, COLORS, SHAPES, SceneObject, draw_object
+from ldm.data.shapes import BACKGROUND, COLORS, SHAPES, SIZES, SceneObject, draw_object
 
 ATTRIBUTES = ("count", "color", "shape", "binding", "relation", "all_correct")
 
@@ -52,6 +54,17 @@ class DetectedObject:
     def centre(self) -> tuple[float, float]:
         x0, y0, x1, y1 = self.bbox
         return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def _size_agreements(candidate: list, expected: Sequence[Mapping[str, Any]]) -> int:
+    """Pairs of described objects of different sizes whose matched objects are drawn in that order (the larger side
+    for the larger size; sides, not areas: a large star covers less than a small square)."""
+    def side(m: DetectedObject) -> int:
+        return max(m.bbox[2] - m.bbox[0], m.bbox[3] - m.bbox[1])
+
+    return sum(1 for (m, e), (n, f) in itertools.combinations(zip(candidate, expected), 2)
+               if m is not None and n is not None and e.get("size") != f.get("size")
+               and (side(m) > side(n)) == (SIZES.get(e.get("size"), 0) > SIZES.get(f.get("size"), 0)))
 
 
 @dataclass
@@ -153,26 +166,42 @@ class CompositionalChecker:
         """The verdict for an RGB uint8 image (H, W, 3) against a scene's metadata."""
         expected = meta["objects"]
         detected = self.detect(image)
-        match, relations, best_score = [], [], (-1, -1)
-        # every assignment of detected objects (or none) to the described ones; n <= 3, so brute force. The most
-        # colour + shape agreements wins; among those, the most stated relations that hold (two alike objects, "a
-        # red circle left of a red circle", can be matched either way round and one way is right); remaining ties go
-        # to the first in permutation order. The candidates are deduplicated in order (dict, not set: a set of
-        # tuples holding None iterates in an order that changes from process to process, and so did the relation
-        # rate of one checkpoint between two ldm eval calls).
+        # every assignment of detected objects (or none) to the described ones; n <= 3, so brute force, in
+        # permutation order (deduplicated by a dict, not a set: a set of tuples holding None iterates in an order that
+        # changes from process to process, and so did the relation rate of one checkpoint between two ldm eval
+        # calls). The best assignments have the most colour + shape agreements, then the most size agreements (of two
+        # described objects of different sizes, the larger drawn larger).
         candidates = list(range(len(detected))) + [None] * len(expected)
+        best, best_score = [], (-1, -1)
         for perm in dict.fromkeys(itertools.permutations(candidates, len(expected))):
             candidate = [detected[d] if d is not None else None for d in perm]
-            holds = [self._relation_holds(candidate[r["subject"]], r["relation"], candidate[r["object"]])
-                     for r in meta.get("relations", [])]
             score = (sum((m.color == e["color"]) + (m.shape == e["shape"])
-                         for m, e in zip(candidate, expected, strict=True) if m is not None), sum(holds))
+                         for m, e in zip(candidate, expected, strict=True) if m is not None),
+                     _size_agreements(candidate, expected))
             if score > best_score:
-                match, relations, best_score = candidate, holds, score
+                best, best_score = [candidate], score
+            elif score == best_score:
+                best.append(candidate)
+        match = best[0]
+        # A stated relation holds when it holds under every best assignment: where the checker cannot tell which
+        # drawn object is which (a green star and a yellow cross for "a red circle left of a blue square"), it must not
+        # credit the relation by choosing the way round in which it holds. Described objects alike in size, colour
+        # and shape ("a red circle left of a red circle") are interchangeable: there the relation holds when it
+        # holds with them either way round.
+        relations = [all(self._holds_up_to_alike(c, r, expected) for c in best) for r in meta.get("relations", [])]
         color = [m is not None and m.color == e["color"] for m, e in zip(match, expected, strict=True)]
         shape = [m is not None and m.shape == e["shape"] for m, e in zip(match, expected, strict=True)]
         return Verdict(count=len(detected) == len(expected), color=color, shape=shape, relation=relations,
                        detected=detected)
+
+    @classmethod
+    def _holds_up_to_alike(cls, candidate: list, relation: Mapping[str, Any], expected: Sequence[Mapping]) -> bool:
+        def alike(i: int, j: int) -> bool:
+            return all(expected[i].get(k) == expected[j].get(k) for k in ("size", "color", "shape"))
+
+        s, o = relation["subject"], relation["object"]
+        pairs = [(s, o)] + ([(o, s)] if alike(s, o) else [])
+        return any(cls._relation_holds(candidate[a], relation["relation"], candidate[b]) for a, b in pairs)
 
     @staticmethod
     def _relation_holds(a: DetectedObject | None, relation: str, b: DetectedObject | None) -> bool:
